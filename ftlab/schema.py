@@ -1,0 +1,153 @@
+"""Typed config schemas: the shape of every config group, checked at compose time.
+
+Plain dataclasses (no Hydra import): `ftlab.cli` registers them in Hydra's ConfigStore,
+so an unknown key or a wrongly typed value fails before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class HeadConfig:
+    """New classifier head: `hidden` sizes give 1-3 dense layers in all."""
+    hidden: List[int] = field(default_factory=list)
+    activation: str = "gelu"
+    dropout: float = 0.1
+    num_classes: Optional[int] = None  # None: sized from the dataset's classes
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "bert"
+    variant: str = "minilm-l6"
+    source: Optional[str] = None  # dir or file with pretrained weights; pkg:// allowed
+    tokenizer: Optional[str] = None  # tokenizer.json (dir or file); pkg:// allowed
+    pooling: str = "mean"  # mean | cls
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    skip: List[str] = field(default_factory=list)  # source tensors deliberately unused
+    new: List[str] = field(default_factory=lambda: ["head/.*"])  # params not in the source
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "bbc_news"
+    max_length: int = 128
+    subset: Optional[int] = None  # keep this many samples (stratified) before splitting
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class GroupRule:
+    """A named param group: an anchored regex over '/'-joined param paths."""
+    pattern: str = "MISSING"
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+    train_from: Optional[str] = None  # phase name from which it trains; None: frozen
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup: float = 0.1  # fraction of the phase's steps
+
+
+@dataclass
+class ScheduleConfig:
+    groups: Dict[str, GroupRule] = field(default_factory=dict)
+    phases: Dict[str, PhaseConfig] = field(default_factory=dict)  # run in this order
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    clip_norm: Optional[float] = 1.0  # over the trainable params only
+
+
+@dataclass
+class TaskConfig:
+    type: str = "classification"
+    label: str = "label"
+    weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # evaluations without improvement that end a phase
+    min_delta: float = 0.0
+
+
+@dataclass
+class PlateauConfig:
+    patience: Optional[int] = None  # evaluations without improvement before LR drops
+    factor: float = 0.5
+    min_scale: float = 0.01
+
+
+@dataclass
+class CheckpointConfig:
+    keep_best: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    monitor: str = "val/macro_f1"
+    monitor_mode: str = "max"  # max | min
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+    max_epochs_per_phase: Optional[int] = None
+    halt_after_steps: Optional[int] = None  # save and stop as if preempted (tests, debugging)
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "ftlab"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+class ConfigError(ValueError):
+    """A bad config value, reported as one line: `key: what is wrong; how to fix it`."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
