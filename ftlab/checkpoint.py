@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a run: best-k by the monitored metric, plus the latest.
+
+`latest/` holds params, optimizer state and the host-side run state (phase, data position,
+early-stopping and plateau state) so a restarted run resumes exactly; `best/` holds params.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _key(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """'/'-joined leaf path -> shape; an nnx Variable's `.value` and a saved dict's
+    ['value'] read the same, so live targets compare with stored metadata."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for keypath, leaf in flat:
+        parts = [_key(k) for k in keypath]
+        if parts and parts[-1] == "value":
+            parts.pop()
+        out["/".join(parts)] = tuple(np.shape(leaf))
+    return out
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, monitor: str, mode: str, keep_best: int):
+        directory = Path(directory).absolute()
+        sync = dict(enable_async_checkpointing=False, create=True)
+        self.best = ocp.CheckpointManager(
+            directory / "best", options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_best, best_fn=lambda m: m[monitor], best_mode=mode, **sync))
+        self.latest = ocp.CheckpointManager(
+            directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **sync))
+
+    def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
+        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                       metrics=metrics)
+
+    def save_latest(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+        self.latest.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def latest_meta(self) -> dict | None:
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        return self.latest.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def _restore(self, mngr, step: int, **targets) -> dict:
+        """Restore items against abstract targets; every tree difference is an error."""
+        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+        meta = mngr.item_metadata(step)
+        for name, target in targets.items():
+            want, have = _shapes(target), _shapes(meta[name])
+            diff = sorted(set(want) ^ set(have))
+            diff += [f"{k}: {have[k]} != {want[k]}" for k in want.keys() & have.keys()
+                     if have[k] != want[k]]
+            if diff:
+                raise CheckpointMismatch(
+                    f"{mngr.directory}/{step}/{name} does not fit this model "
+                    f"({len(diff)} differences, e.g. {', '.join(diff[:5])}); "
+                    "it was written by another config: use a new run dir")
+        return mngr.restore(step, args=ocp.args.Composite(**args))
+
+    def restore_latest(self, params_target, opt_target=None) -> tuple[Any, Any]:
+        step = self.latest.latest_step()
+        targets = {"params": params_target}
+        if opt_target is not None:
+            targets["opt"] = opt_target
+        out = self._restore(self.latest, step, **targets)
+        return out["params"], out.get("opt")
+
+    def restore_best(self, params_target) -> tuple[int, Any]:
+        step = self.best.best_step()
+        return step, self._restore(self.best, step, params=params_target)["params"]
+
+    def close(self) -> None:
+        self.best.close()
+        self.latest.close()

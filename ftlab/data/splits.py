@@ -1,0 +1,42 @@
+"""Stratified, seeded train/val/test splits and the split manifest."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from ftlab.schema import ConfigError, SplitConfig
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a class-stratified subset of size n (all indices if n >= len)."""
+    idx = np.arange(len(labels))
+    if n >= len(labels):
+        return idx
+    keep, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+def split(labels: np.ndarray, cfg: SplitConfig) -> dict[str, np.ndarray]:
+    """Sorted index arrays for train / val / test, stratified by label."""
+    fracs = (cfg.train, cfg.val, cfg.test)
+    if min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
+        raise ConfigError("dataset.split", f"train/val/test = {fracs} must be > 0 and sum to 1")
+    idx = np.arange(len(labels))
+    train, rest = train_test_split(idx, train_size=cfg.train, stratify=labels,
+                                   random_state=cfg.seed)
+    val, test = train_test_split(rest, train_size=cfg.val / (cfg.val + cfg.test),
+                                 stratify=labels[rest], random_state=cfg.seed + 1)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def write_manifest(path: Path, ids: np.ndarray, labels: np.ndarray, class_names: list[str],
+                   parts: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample_id", "split", "label"])
+        for name, idx in parts.items():
+            for i in idx:
+                w.writerow([ids[i], name, class_names[labels[i]]])

@@ -1,0 +1,79 @@
+"""The inner loops: one training epoch, one evaluation pass, and a best-value monitor."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ftlab import metrics
+from ftlab.data.batches import ArrayData, batches, num_batches
+
+
+@dataclasses.dataclass
+class Monitor:
+    """Best value seen and evaluations since it improved (early stopping, LR on plateau)."""
+    mode: str
+    min_delta: float = 0.0
+    best: float | None = None
+    bad: int = 0
+
+    def update(self, value: float) -> bool:
+        better = self.best is None or (
+            value > self.best + self.min_delta if self.mode == "max"
+            else value < self.best - self.min_delta)
+        if better:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        return better
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+
+def train_epoch(step_fn, trainable, opt_state, rest, it, key, rs, total: int,
+                halt_after: int | None, desc: str, progress: bool):
+    """Run the batches of `it`, advancing rs.step / rs.batch; returns the epoch's means."""
+    sums, halted = [], False
+    bar = tqdm(total=total, initial=rs.batch, desc=desc, disable=not progress, leave=False)
+    for batch in it:
+        trainable, opt_state, m = step_fn(trainable, opt_state, rest, batch,
+                                          jax.random.fold_in(key, rs.step))
+        rs.step, rs.batch = rs.step + 1, rs.batch + 1
+        sums.append(m)
+        bar.update()
+        if progress and rs.batch % 10 == 0:
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+        if halt_after is not None and rs.step >= halt_after:
+            halted = True
+            break
+    bar.close()
+    out = {}
+    if sums:
+        tot = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
+        count = max(float(tot["count"]), 1.0)
+        out = {"loss": float(np.mean([float(s["loss"]) for s in jax.device_get(sums)])),
+               "accuracy": float(tot["correct"]) / count}
+        if not math.isfinite(out["loss"]):
+            raise FloatingPointError(f"training loss is {out['loss']} at step {rs.step}; "
+                                     "lower the learning rate or enable optimizer.clip_norm")
+    return trainable, opt_state, out, halted
+
+
+def predict(eval_fn, state, data: ArrayData, batch_size: int, limit: int | None = None):
+    """Logits and labels of the real (unpadded) rows, in order."""
+    logits, labels = [], []
+    for b in batches(data, batch_size, np.arange(len(data)), limit=limit):
+        keep = b["weight"] > 0
+        logits.append(np.asarray(eval_fn(state, b))[keep])
+        labels.append(b["label"][keep])
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate(eval_fn, state, data: ArrayData, batch_size: int, num_classes: int,
+             limit: int | None = None) -> dict[str, float]:
+    logits, labels = predict(eval_fn, state, data, batch_size, limit)
+    return metrics.classification(logits, labels, num_classes)

@@ -1,0 +1,61 @@
+"""Pure jitted train and eval steps over (trainable, rest) halves of an nnx model.
+
+Only the trainable half is differentiated, so XLA never builds the frozen params'
+backward pass, and only it is passed to the optimizer.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ftlab.schema import TaskConfig
+
+
+def trainable_filter(paths: set[str]):
+    """nnx filter selecting the Params whose '/'-joined path is in `paths`."""
+    paths = frozenset(paths)
+    return lambda path, x: isinstance(x, nnx.Param) and "/".join(map(str, path)) in paths
+
+
+def weighted_xent(logits, labels, weight, smoothing: float):
+    n = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
+        jax.nn.one_hot(labels, n)
+    per = optax.softmax_cross_entropy(logits, targets)
+    return (per * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig):
+    """(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, metrics)."""
+
+    def loss_fn(trainable, rest, batch, key):
+        model = nnx.merge(graphdef, trainable, rest)
+        logits = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
+        loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing)
+        return loss, logits
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, rest, batch, key):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, rest, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        correct = ((logits.argmax(-1) == batch[task.label]) * batch["weight"]).sum()
+        return trainable, opt_state, {"loss": loss, "correct": correct,
+                                      "count": batch["weight"].sum()}
+
+    return step
+
+
+def make_eval_step(graphdef):
+    """(params state, batch) -> logits, with dropout off."""
+
+    @jax.jit
+    def step(state, batch):
+        return nnx.merge(graphdef, state)(batch, deterministic=True)
+
+    return step

@@ -1,0 +1,229 @@
+"""The fine-tuning run: phases of progressive unfreezing over a pure jitted step.
+
+Host-side state (phase, data position, early stopping, plateau) lives in `RunState` and is
+checkpointed with the params, so a restarted run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from omegaconf import OmegaConf
+
+from ftlab import models, optim, param_groups, provenance
+from ftlab.checkpoint import Checkpoints
+from ftlab.data import splits
+from ftlab.data.batches import batches, num_batches, order
+from ftlab.data.prepare import Prepared, load_split, prepare
+from ftlab.logs import MetricLog
+from ftlab.loop import Monitor, evaluate, train_epoch
+from ftlab.schema import Config, ConfigError, TaskConfig
+from ftlab.step import make_eval_step, make_train_step, trainable_filter
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = ("trainer.halt_after_steps", "trainer.progress", "logger")
+
+
+@dataclasses.dataclass
+class RunState:
+    phase: int = 0
+    epoch: int = 0  # within the phase
+    batch: int = 0  # next batch within the epoch
+    step: int = 0  # global optimizer steps
+    opt_phase: int = -1  # phase whose optimizer state the checkpoint holds
+    stop: dict = dataclasses.field(default_factory=dict)  # Monitor states
+    plateau: dict = dataclasses.field(default_factory=dict)
+    lr_scale: float = 1.0
+    done: bool = False
+
+
+def _comparable(cfg: dict) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    for key in RESUMABLE_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return cfg
+
+
+def _task(cfg: Config) -> TaskConfig:
+    if len(cfg.tasks) != 1:
+        raise ConfigError("tasks", f"exactly one task is supported for now, got {len(cfg.tasks)}")
+    (name, task), = cfg.tasks.items()
+    if task.type != "classification":
+        raise ConfigError(f"tasks.{name}.type", f"'{task.type}' is not supported yet; "
+                                                "use classification")
+    return task
+
+
+def _check(cfg: Config) -> TaskConfig:
+    """Checks that need no data or weights."""
+    optim.validate(cfg.optimizer)
+    t = cfg.trainer
+    if t.monitor_mode not in ("max", "min"):
+        raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
+    known = {f"val/{m}" for m in ("accuracy", "macro_f1", "loss")}
+    if t.monitor not in known:
+        raise ConfigError("trainer.monitor", f"'{t.monitor}' is not one of: {', '.join(sorted(known))}")
+    if t.batch_size < 1 or t.eval_batch_size < 1:
+        raise ConfigError("trainer.batch_size", "batch sizes must be >= 1")
+    return _task(cfg)
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Train, keep the best checkpoint, evaluate it on the test split; returns results."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = _check(cfg)
+    ex, parts = load_split(cfg.dataset)
+    num_classes = len(ex.class_names)
+    abstract = models.abstract(cfg.model, num_classes)  # also checks weights file, head size
+    groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
+                                 cfg.schedule.phases)
+    log.info("param groups:\n%s", groups.table())
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
+                        cfg.trainer.checkpoint.keep_best)
+    meta = ckpts.latest_meta()
+    if meta is not None and _comparable(meta["config"]) != _comparable(resolved):
+        raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
+                                     "use another name= / overrides, or delete that dir")
+    splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
+    provenance.write(run_dir, OmegaConf.to_yaml(resolved))
+    data = prepare(ex, parts, cfg.dataset, cfg.model)
+    metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
+    try:
+        results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved).fit(meta)
+    finally:
+        metric_log.close()
+        ckpts.close()
+    if results.get("halted"):
+        return results
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+class Trainer:
+    def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved):
+        self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
+        self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
+        self.phases = list(cfg.schedule.phases.items())
+
+    def _model(self, meta: dict | None):
+        if meta is None:
+            return models.build(self.cfg.model, self.data.num_classes, self.cfg.trainer.seed), \
+                RunState()
+        state = RunState(**meta["run_state"])
+        model = models.abstract(self.cfg.model, self.data.num_classes)
+        params, _ = self.ckpts.restore_latest(nnx.state(model, nnx.Param))
+        nnx.update(model, params)
+        return model, state
+
+    def fit(self, meta: dict | None) -> dict:
+        t = self.cfg.trainer
+        model, rs = self._model(meta)
+        key = jax.random.key(t.seed)
+        start = time.perf_counter()
+        while not rs.done and rs.phase < len(self.phases):
+            if self._phase(model, rs, key, meta):
+                return {"halted": True, "step": rs.step}
+            meta = None
+        return self._finish(model, rs, time.perf_counter() - start)
+
+    def _phase(self, model, rs: RunState, key, meta) -> bool:
+        """Run the rest of phase `rs.phase`; True when halted."""
+        t = self.cfg.trainer
+        name, phase = self.phases[rs.phase]
+        train = self.data.parts["train"]
+        steps_per_epoch = num_batches(len(train), t.batch_size, t.limit_train_batches)
+        epochs = min(phase.epochs, t.max_epochs_per_phase or phase.epochs)
+        paths = self.groups.trainable(rs.phase)
+        graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+        tx = optim.build(self.cfg.optimizer, phase, epochs * steps_per_epoch, trainable,
+                         self.groups.multipliers(paths, "lr_mult"),
+                         self.groups.multipliers(paths, "wd_mult"))
+        opt_state = tx.init(trainable)
+        if meta is not None and rs.opt_phase == rs.phase:
+            _, opt_state = self.ckpts.restore_latest(nnx.state(model, nnx.Param),
+                                                     jax.eval_shape(lambda: opt_state))
+        rs.opt_phase = rs.phase
+        log.info("phase %s: %d epochs x %d steps, training %d tensors", name, epochs,
+                 steps_per_epoch, len(paths))
+        stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
+        plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
+        step_fn = make_train_step(graphdef, tx, self.task)
+        eval_fn = make_eval_step(nnx.graphdef(model))
+        while rs.epoch < epochs:
+            idx = order(len(train), t.seed, rs.phase, rs.epoch)
+            it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
+            trainable, opt_state, train_m, halted = train_epoch(
+                step_fn, trainable, opt_state, rest, it, key, rs, steps_per_epoch,
+                t.halt_after_steps,
+                desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress)
+            if halted:
+                self._save_latest(graphdef, trainable, rest, opt_state, rs)
+                log.info("halted at step %d; rerun the same command to resume", rs.step)
+                return True
+            nnx.update(model, trainable)
+            val = evaluate(eval_fn, nnx.state(model), self.data.parts["val"],
+                           t.eval_batch_size, self.data.num_classes, t.limit_eval_batches)
+            rs.batch, rs.epoch = 0, rs.epoch + 1
+            metrics = {**{f"train/{k}": v for k, v in train_m.items()},
+                       **{f"val/{k}": v for k, v in val.items()},
+                       "phase": rs.phase, "lr_scale": rs.lr_scale}
+            self.metric_log.write(rs.step, metrics)
+            log.info("step %d %s", rs.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                     if k.startswith("val/")))
+            value = metrics[t.monitor]
+            stop.update(value)
+            stopped = t.early_stopping.patience is not None and \
+                stop.bad > t.early_stopping.patience
+            if not plateau.update(value) and t.plateau.patience is not None and \
+                    plateau.bad > t.plateau.patience:
+                rs.lr_scale = max(rs.lr_scale * t.plateau.factor, t.plateau.min_scale)
+                plateau.bad = 0
+                opt_state = optim.set_lr_scale(opt_state, rs.lr_scale)
+                log.info("plateau: lr scale now %g", rs.lr_scale)
+            rs.stop, rs.plateau = stop.state(), plateau.state()
+            self.ckpts.save_best(rs.step, nnx.state(model, nnx.Param), {k: metrics[k] for k in
+                                                                          metrics if k.startswith("val/")})
+            if stopped:
+                log.info("early stopping phase %s after %d evaluations without improvement",
+                         name, stop.bad)
+                break
+            if rs.epoch < epochs:
+                self._save_latest(graphdef, trainable, rest, opt_state, rs)
+        rs.phase, rs.epoch, rs.batch, rs.lr_scale = rs.phase + 1, 0, 0, 1.0
+        rs.stop, rs.plateau = {}, {}
+        rs.done = rs.phase >= len(self.phases)
+        self._save_latest(graphdef, trainable, rest, opt_state, rs)
+        return False
+
+    def _save_latest(self, graphdef, trainable, rest, opt_state, rs: RunState) -> None:
+        params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
+        meta = {"run_state": dataclasses.asdict(rs), "config": self.resolved}
+        self.ckpts.save_latest(rs.step, params, opt_state, meta)
+
+    def _finish(self, model, rs: RunState, seconds: float) -> dict:
+        t = self.cfg.trainer
+        best_step, params = self.ckpts.restore_best(nnx.state(model, nnx.Param))
+        nnx.update(model, params)
+        eval_fn = make_eval_step(nnx.graphdef(model))
+        out = {}
+        for split in ("val", "test"):
+            m = evaluate(eval_fn, nnx.state(model), self.data.parts[split],
+                         t.eval_batch_size, self.data.num_classes, t.limit_eval_batches)
+            out.update({f"{split}/{k}": v for k, v in m.items()})
+        out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds})
+        self.metric_log.summary(out)
+        return out
