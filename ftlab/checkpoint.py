@@ -41,11 +41,16 @@ class Checkpoints:
     def __init__(self, directory: Path, monitor: str, mode: str, keep_best: int):
         directory = Path(directory).absolute()
         sync = dict(enable_async_checkpointing=False, create=True)
+        # Handlers named up front, so a reopened manager can read item metadata.
         self.best = ocp.CheckpointManager(
             directory / "best", options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep_best, best_fn=lambda m: m[monitor], best_mode=mode, **sync))
+                max_to_keep=keep_best, best_fn=lambda m: m[monitor], best_mode=mode, **sync),
+            item_handlers={"params": ocp.StandardCheckpointHandler()})
         self.latest = ocp.CheckpointManager(
-            directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **sync))
+            directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **sync),
+            item_handlers={"params": ocp.StandardCheckpointHandler(),
+                           "opt": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
         self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),

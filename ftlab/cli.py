@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.schema import Config
+from ftlab.schema import Config, ConfigError, from_omegaconf
 
 ConfigStore.instance().store(name="ftlab_config", node=Config)
 OmegaConf.register_new_resolver("ftlab_dirname", lambda s: s or "default", replace=True)
@@ -32,13 +32,12 @@ def _setup_jax() -> None:
 def train(cfg: DictConfig) -> None:
     from ftlab.checkpoint import CheckpointMismatch
     from ftlab.models.loading import LoadError
-    from ftlab.schema import ConfigError
     from ftlab.train import run
 
     _setup_jax()
-    config: Config = OmegaConf.to_object(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        config: Config = from_omegaconf(cfg)
         results = run(config, run_dir)
     except (ConfigError, LoadError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from ftlab.schema import ConfigError, LoggerConfig
@@ -21,7 +22,7 @@ class MetricLog:
         if cfg.mode != "disabled":
             import wandb
             id_file = Path(run_dir) / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=name,

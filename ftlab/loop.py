@@ -64,13 +64,22 @@ def train_epoch(step_fn, trainable, opt_state, rest, it, key, rs, total: int,
 
 
 def predict(eval_fn, state, data: ArrayData, batch_size: int, limit: int | None = None):
-    """Logits and labels of the real (unpadded) rows, in order."""
-    logits, labels = [], []
+    """Outputs and labels of the real (unpadded) rows, in order."""
+    outs, labels = [], []
     for b in batches(data, batch_size, np.arange(len(data)), limit=limit):
         keep = b["weight"] > 0
-        logits.append(np.asarray(eval_fn(state, b))[keep])
+        outs.append(np.asarray(eval_fn(state, b))[keep])
         labels.append(b["label"][keep])
-    return np.concatenate(logits), np.concatenate(labels)
+    return np.concatenate(outs), np.concatenate(labels)
+
+
+def cache_prefix(prefix_fn, state, data: ArrayData, batch_size: int,
+                 limit: int | None = None) -> ArrayData:
+    """The frozen stages' output for every row (up to `limit` batches), as new inputs."""
+    hidden, _ = predict(prefix_fn, state, data, batch_size, limit)
+    rows = len(hidden)
+    keep = {k: v[:rows] for k, v in data.arrays.items() if k != "input_ids"}
+    return ArrayData({**keep, "hidden": hidden})
 
 
 def evaluate(eval_fn, state, data: ArrayData, batch_size: int, num_classes: int,

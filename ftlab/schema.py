@@ -5,6 +5,7 @@ so an unknown key or a wrongly typed value fails before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -121,6 +122,7 @@ class TrainerConfig:
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None
     max_epochs_per_phase: Optional[int] = None
+    cache_frozen: bool = True  # run frozen leading stages once per phase, not every step
     halt_after_steps: Optional[int] = None  # save and stop as if preempted (tests, debugging)
     progress: bool = True
 
@@ -151,3 +153,27 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+def _extra_keys(obj, prefix: str = ""):
+    """Keys set on a schema object that its dataclass does not declare (e.g. via `+key=`)."""
+    if dataclasses.is_dataclass(obj):
+        names = {f.name for f in dataclasses.fields(obj)}
+        for key, value in vars(obj).items():
+            if key not in names:
+                yield f"{prefix}{key}", sorted(names)
+            else:
+                yield from _extra_keys(value, f"{prefix}{key}.")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _extra_keys(value, f"{prefix}{key}.")
+
+
+def from_omegaconf(cfg) -> Config:
+    """The typed Config of a composed DictConfig; keys the schema lacks are an error
+    (struct mode already rejects `key=v`; this catches `+key=v` too)."""
+    from omegaconf import OmegaConf
+    obj = OmegaConf.to_object(cfg)
+    for key, known in _extra_keys(obj):
+        raise ConfigError(key, f"unknown key; known keys here: {', '.join(known)}")
+    return obj

@@ -21,6 +21,27 @@ def trainable_filter(paths: set[str]):
     return lambda path, x: isinstance(x, nnx.Param) and "/".join(map(str, path)) in paths
 
 
+def set_dropout(model: nnx.Module, trainable: set[str] | None) -> None:
+    """Dropout only inside modules that hold trainable params; None turns it all off (eval).
+
+    A frozen block is a fixed feature extractor: its output is then a pure function of the
+    input, which is what lets a phase cache it (see `first_trainable_stage`).
+    """
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Dropout):
+            parent = "".join(f"{p}/" for p in path[:-1])
+            m.deterministic = trainable is None or not any(p.startswith(parent) for p in trainable)
+
+
+def first_trainable_stage(model: nnx.Module, trainable: set[str]) -> int:
+    """Index of the first forward stage with a trainable param (0 if the model has none)."""
+    prefixes = getattr(model, "stage_prefixes", lambda: [])()
+    for i, prefix in enumerate(prefixes):
+        if any(p.startswith(prefix) for p in trainable):
+            return i
+    return 0
+
+
 def weighted_xent(logits, labels, weight, smoothing: float):
     n = logits.shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
@@ -29,12 +50,16 @@ def weighted_xent(logits, labels, weight, smoothing: float):
     return (per * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig):
-    """(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, metrics)."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig,
+                    start: int = 0):
+    """(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, metrics).
+
+    `start` > 0 runs the model from that stage on cached inputs (`batch["hidden"]`).
+    """
 
     def loss_fn(trainable, rest, batch, key):
         model = nnx.merge(graphdef, trainable, rest)
-        logits = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
+        logits = model.forward(batch, start, rngs=nnx.Rngs(dropout=key))
         loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing)
         return loss, logits
 
@@ -51,11 +76,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig
     return step
 
 
-def make_eval_step(graphdef):
-    """(params state, batch) -> logits, with dropout off."""
+def make_eval_step(graphdef, start: int = 0, stop: int | None = None):
+    """(state, batch) -> outputs of stages [start, stop); build `graphdef` in eval mode."""
 
     @jax.jit
     def step(state, batch):
-        return nnx.merge(graphdef, state)(batch, deterministic=True)
+        return nnx.merge(graphdef, state).forward(batch, start, stop)
 
     return step

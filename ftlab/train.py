@@ -22,9 +22,10 @@ from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
 from ftlab.logs import MetricLog
-from ftlab.loop import Monitor, evaluate, train_epoch
+from ftlab.loop import Monitor, cache_prefix, evaluate, train_epoch
 from ftlab.schema import Config, ConfigError, TaskConfig
-from ftlab.step import make_eval_step, make_train_step, trainable_filter
+from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_dropout,
+                        trainable_filter)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class Trainer:
         self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
         self.phases = list(cfg.schedule.phases.items())
+        self.cache = None  # (stage, train inputs, val inputs) of the always-frozen prefix
+        self.starts: list[int] = []  # first trainable stage of each phase
 
     def _model(self, meta: dict | None):
         if meta is None:
@@ -132,6 +135,8 @@ class Trainer:
     def fit(self, meta: dict | None) -> dict:
         t = self.cfg.trainer
         model, rs = self._model(meta)
+        self.starts = [first_trainable_stage(model, self.groups.trainable(i))
+                       if t.cache_frozen else 0 for i in range(len(self.phases))]
         key = jax.random.key(t.seed)
         start = time.perf_counter()
         while not rs.done and rs.phase < len(self.phases):
@@ -144,11 +149,15 @@ class Trainer:
         """Run the rest of phase `rs.phase`; True when halted."""
         t = self.cfg.trainer
         name, phase = self.phases[rs.phase]
-        train = self.data.parts["train"]
+        paths = self.groups.trainable(rs.phase)
+        start = self.starts[rs.phase]
+        train, val = self._inputs(model, rs.phase)
         steps_per_epoch = num_batches(len(train), t.batch_size, t.limit_train_batches)
         epochs = min(phase.epochs, t.max_epochs_per_phase or phase.epochs)
-        paths = self.groups.trainable(rs.phase)
+        set_dropout(model, paths)
         graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+        set_dropout(model, None)
+        eval_fn = make_eval_step(nnx.graphdef(model), start)
         tx = optim.build(self.cfg.optimizer, phase, epochs * steps_per_epoch, trainable,
                          self.groups.multipliers(paths, "lr_mult"),
                          self.groups.multipliers(paths, "wd_mult"))
@@ -157,29 +166,27 @@ class Trainer:
             _, opt_state = self.ckpts.restore_latest(nnx.state(model, nnx.Param),
                                                      jax.eval_shape(lambda: opt_state))
         rs.opt_phase = rs.phase
-        log.info("phase %s: %d epochs x %d steps, training %d tensors", name, epochs,
-                 steps_per_epoch, len(paths))
+        log.info("phase %s: %d epochs x %d steps, training %d tensors from stage %d",
+                 name, epochs, steps_per_epoch, len(paths), start)
         stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
         plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
-        step_fn = make_train_step(graphdef, tx, self.task)
-        eval_fn = make_eval_step(nnx.graphdef(model))
+        step_fn = make_train_step(graphdef, tx, self.task, start)
         while rs.epoch < epochs:
             idx = order(len(train), t.seed, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
             trainable, opt_state, train_m, halted = train_epoch(
                 step_fn, trainable, opt_state, rest, it, key, rs, steps_per_epoch,
-                t.halt_after_steps,
-                desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress)
+                t.halt_after_steps, desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress)
             if halted:
                 self._save_latest(graphdef, trainable, rest, opt_state, rs)
                 log.info("halted at step %d; rerun the same command to resume", rs.step)
                 return True
             nnx.update(model, trainable)
-            val = evaluate(eval_fn, nnx.state(model), self.data.parts["val"],
-                           t.eval_batch_size, self.data.num_classes, t.limit_eval_batches)
+            val_m = evaluate(eval_fn, nnx.state(model), val, t.eval_batch_size,
+                             self.data.num_classes, t.limit_eval_batches)
             rs.batch, rs.epoch = 0, rs.epoch + 1
             metrics = {**{f"train/{k}": v for k, v in train_m.items()},
-                       **{f"val/{k}": v for k, v in val.items()},
+                       **{f"val/{k}": v for k, v in val_m.items()},
                        "phase": rs.phase, "lr_scale": rs.lr_scale}
             self.metric_log.write(rs.step, metrics)
             log.info("step %d %s", rs.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
@@ -195,8 +202,8 @@ class Trainer:
                 opt_state = optim.set_lr_scale(opt_state, rs.lr_scale)
                 log.info("plateau: lr scale now %g", rs.lr_scale)
             rs.stop, rs.plateau = stop.state(), plateau.state()
-            self.ckpts.save_best(rs.step, nnx.state(model, nnx.Param), {k: metrics[k] for k in
-                                                                          metrics if k.startswith("val/")})
+            self.ckpts.save_best(rs.step, nnx.state(model, nnx.Param),
+                                 {k: v for k, v in metrics.items() if k.startswith("val/")})
             if stopped:
                 log.info("early stopping phase %s after %d evaluations without improvement",
                          name, stop.bad)
@@ -209,6 +216,36 @@ class Trainer:
         self._save_latest(graphdef, trainable, rest, opt_state, rs)
         return False
 
+    def _inputs(self, model, phase: int):
+        """Train and val inputs for phase number `phase`, which starts at stage starts[phase].
+
+        Unfreezing only moves earlier, so the stages before the earliest start of this and
+        every later phase stay frozen for the rest of the run: their output is computed
+        once (dropout off) and kept; each phase then runs only its own frozen stages on it.
+        """
+        t, data = self.cfg.trainer, self.data.parts
+        start, base = self.starts[phase], min(self.starts[phase:])
+        if start == 0:
+            return data["train"], data["val"]
+        set_dropout(model, None)
+        graphdef, state = nnx.graphdef(model), nnx.state(model)
+        if base > 0 and (self.cache is None or self.cache[0] != base):
+            began = time.perf_counter()
+            prefix = make_eval_step(graphdef, 0, base)
+            self.cache = (base, cache_prefix(prefix, state, data["train"], t.eval_batch_size),
+                          cache_prefix(prefix, state, data["val"], t.eval_batch_size,
+                                       t.limit_eval_batches))
+            log.info("cached frozen stages 0-%d for %d train + %d val rows (%.0f MB, %.1f s)",
+                     base - 1, len(self.cache[1]), len(self.cache[2]),
+                     sum(c.arrays["hidden"].nbytes for c in self.cache[1:]) / 2**20,
+                     time.perf_counter() - began)
+        src, train, val = self.cache if base > 0 else (0, data["train"], data["val"])
+        if start > src:
+            mid = make_eval_step(graphdef, src, start)
+            train = cache_prefix(mid, state, train, t.eval_batch_size)
+            val = cache_prefix(mid, state, val, t.eval_batch_size, t.limit_eval_batches)
+        return train, val
+
     def _save_latest(self, graphdef, trainable, rest, opt_state, rs: RunState) -> None:
         params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
         meta = {"run_state": dataclasses.asdict(rs), "config": self.resolved}
@@ -218,6 +255,7 @@ class Trainer:
         t = self.cfg.trainer
         best_step, params = self.ckpts.restore_best(nnx.state(model, nnx.Param))
         nnx.update(model, params)
+        set_dropout(model, None)
         eval_fn = make_eval_step(nnx.graphdef(model))
         out = {}
         for split in ("val", "test"):

@@ -42,10 +42,10 @@ class Embeddings(nnx.Module):
         self.norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, ids, *, deterministic, rngs):
+    def __call__(self, ids, *, rngs=None):
         positions = jnp.arange(ids.shape[1])[None, :]
         x = self.word(ids) + self.position(positions) + self.token_type.embedding[...][0]
-        return self.dropout(self.norm(x), deterministic=deterministic, rngs=rngs)
+        return self.dropout(self.norm(x), rngs=rngs)
 
 
 class SelfAttention(nnx.Module):
@@ -57,7 +57,7 @@ class SelfAttention(nnx.Module):
         self.out = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x, bias, *, deterministic, rngs):
+    def __call__(self, x, bias, *, rngs=None):
         b, t, c = x.shape
         d = c // self.heads
 
@@ -67,8 +67,7 @@ class SelfAttention(nnx.Module):
         q = split(self.query(x)) * (1.0 / math.sqrt(d))
         k, v = split(self.key(x)), split(self.value(x))
         scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) + bias
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1),
-                             deterministic=deterministic, rngs=rngs)
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
         ctx = jnp.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, c)
         return self.out(ctx)
 
@@ -82,27 +81,19 @@ class Layer(nnx.Module):
         self.mlp_norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x, bias, *, deterministic, rngs):
-        drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
-        x = self.attention_norm(x + drop(self.attention(x, bias, deterministic=deterministic,
-                                                        rngs=rngs)))
+    def __call__(self, x, bias, *, rngs=None):
+        x = self.attention_norm(x + self.dropout(self.attention(x, bias, rngs=rngs), rngs=rngs))
         h = self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
-        return self.mlp_norm(x + drop(h))
-
-
-class Encoder(nnx.Module):
-    def __init__(self, size: BertSize, dropout: float, attn_dropout: float, rngs: nnx.Rngs):
-        self.layers = nnx.List([Layer(size, dropout, attn_dropout, rngs)
-                                for _ in range(size.layers)])
-
-    def __call__(self, x, bias, *, deterministic, rngs):
-        for layer in self.layers:
-            x = layer(x, bias, deterministic=deterministic, rngs=rngs)
-        return x
+        return self.mlp_norm(x + self.dropout(h, rngs=rngs))
 
 
 class BertClassifier(nnx.Module):
-    """BERT backbone, pooled (mean over real tokens, or [CLS]), then a new head."""
+    """BERT backbone, pooled (mean over real tokens, or [CLS]), then a new head.
+
+    The forward pass is a chain of stages (embeddings, each layer, pooling + head), so a run
+    whose first stages are frozen can cache their output once and start from `start`:
+    stage s > 0 takes the hidden states entering it (`batch["hidden"]`; pooled for the head).
+    """
 
     def __init__(self, size: BertSize, num_classes: int, *, pooling: str = "mean",
                  dropout: float = 0.1, attention_dropout: float = 0.1,
@@ -110,21 +101,41 @@ class BertClassifier(nnx.Module):
                  rngs: nnx.Rngs):
         self.pooling = pooling
         self.embeddings = Embeddings(size, dropout, rngs)
-        self.encoder = Encoder(size, dropout, attention_dropout, rngs)
+        self.layers = nnx.List([Layer(size, dropout, attention_dropout, rngs)
+                                for _ in range(size.layers)])
         self.head = ClassifierHead(size.hidden, num_classes, hidden=head_hidden,
                                    activation=head_activation, dropout=head_dropout, rngs=rngs)
 
-    def embed(self, ids, mask, *, deterministic=True, rngs=None):
-        """Pooled sentence embedding, (batch, hidden)."""
-        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
-        x = self.embeddings(ids, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, bias, deterministic=deterministic, rngs=rngs)
+    def stage_prefixes(self) -> list[str]:
+        """Param-path prefix of each stage, in forward order."""
+        return ["embeddings/", *[f"layers/{i}/" for i in range(len(self.layers))], "head/"]
+
+    def _pool(self, x, mask):
         if self.pooling == "cls":
             return x[:, 0]
         m = mask[..., None].astype(x.dtype)
         return (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
-    def __call__(self, batch, *, deterministic=True, rngs=None):
-        pooled = self.embed(batch["input_ids"], batch["attention_mask"],
-                            deterministic=deterministic, rngs=rngs)
-        return self.head(pooled, deterministic=deterministic, rngs=rngs)
+    def forward(self, batch, start: int = 0, stop: int | None = None, *, rngs=None):
+        """Run stages [start, stop); stop=None runs to the logits."""
+        stop = len(self.layers) + 2 if stop is None else stop
+        mask = batch["attention_mask"]
+        x = batch["input_ids"] if start == 0 else batch["hidden"]
+        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+        for s in range(start, stop):
+            if s == 0:
+                x = self.embeddings(x, rngs=rngs)
+            elif s <= len(self.layers):
+                x = self.layers[s - 1](x, bias, rngs=rngs)
+            else:
+                x = self.head(x, rngs=rngs)
+            if s == len(self.layers):  # the last layer's stage ends with pooling
+                x = self._pool(x, mask)
+        return x
+
+    def embed(self, ids, mask):
+        """Pooled sentence embedding, (batch, hidden)."""
+        return self.forward({"input_ids": ids, "attention_mask": mask}, 0, len(self.layers) + 1)
+
+    def __call__(self, batch, *, rngs=None):
+        return self.forward(batch, rngs=rngs)

@@ -17,9 +17,9 @@ class ClassifierHead(nnx.Module):
         self.activation = ACTIVATIONS[activation]
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x, *, deterministic=True, rngs=None):
+    def __call__(self, x, *, rngs=None):
         for i, layer in enumerate(self.layers):
             if i:
                 x = self.activation(x)
-            x = layer(self.dropout(x, deterministic=deterministic, rngs=rngs))
+            x = layer(self.dropout(x, rngs=rngs))
         return x

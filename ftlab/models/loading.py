@@ -72,7 +72,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def param_paths(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """'/'-joined path -> shape of every nnx.Param."""
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {"/".join(map(str, p)): tuple(v.shape) for p, v in flat}
 
 
@@ -118,7 +118,7 @@ def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]]
     if problems:
         raise LoadError(f"{source}: {len(problems)} mismatch(es): " + "; ".join(problems))
     state = nnx.state(model, nnx.Param)
-    for p, var in state.flat_state():
+    for p, var in nnx.to_flat_state(state):
         key = "/".join(map(str, p))
         if key in mapped:
             var[...] = mapped[key][1].astype(var[...].dtype)

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from ftlab.param_groups import assign
+from ftlab.schema import ConfigError, GroupRule, PhaseConfig
+
+SHAPES = {
+    "embeddings/word/embedding": (10, 4),
+    "layers/0/fc1/kernel": (4, 8),
+    "layers/1/fc1/kernel": (4, 8),
+    "layers/10/fc1/kernel": (4, 8),
+    "head/layers/0/kernel": (4, 3),
+    "head/layers/0/bias": (3,),
+}
+PHASES = {"head": PhaseConfig(), "all": PhaseConfig()}
+
+
+def rules(**kw):
+    return {k: GroupRule(**v) for k, v in kw.items()}
+
+
+def test_every_param_assigned_and_phases_unfreeze_progressively():
+    g = assign(SHAPES, rules(head=dict(pattern="head/.*", train_from="head"),
+                             body=dict(pattern="(embeddings|layers)/.*", train_from="all")),
+               PHASES)
+    assert g.trainable(0) == {"head/layers/0/kernel", "head/layers/0/bias"}
+    assert g.trainable(1) == set(SHAPES)
+    assert "15" in g.table() and "head" in g.table()  # head has 12 + 3 params
+
+
+def test_anchored_patterns_do_not_match_prefixes():
+    g = assign(SHAPES, rules(l1=dict(pattern="layers/1/.*", train_from="all"),
+                             head=dict(pattern="head/.*", train_from="head"),
+                             rest=dict(pattern="(embeddings|layers/(0|10))/.*")),
+               PHASES)
+    assert g.assignment["layers/10/fc1/kernel"] == "rest"
+
+
+def test_rule_matching_nothing_names_rule_and_prefixes():
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(head=dict(pattern="head/.*", train_from="head"),
+                             ghost=dict(pattern="decoder/.*"),
+                             rest=dict(pattern="(embeddings|layers)/.*")), PHASES)
+    assert e.value.key == "schedule.groups.ghost"
+    assert "layers/" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overlapping_rules_fail_naming_both():
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(head=dict(pattern="head/.*", train_from="head"),
+                             everything=dict(pattern=".*", train_from="all")), PHASES)
+    assert "head" in str(e.value) and "everything" in str(e.value)
+
+
+def test_uncovered_params_fail():
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(head=dict(pattern="head/.*", train_from="head")), PHASES)
+    assert e.value.key == "schedule.groups" and "4 params" in str(e.value)
+
+
+def test_unknown_phase_and_empty_phase_fail():
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(all=dict(pattern=".*", train_from="nope")), PHASES)
+    assert e.value.key == "schedule.groups.all.train_from"
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(all=dict(pattern=".*", train_from="all")), PHASES)
+    assert e.value.key == "schedule.phases.head"
+
+
+def test_param_counts_in_table_add_up():
+    g = assign(SHAPES, rules(all=dict(pattern=".*", train_from="head")), {"head": PhaseConfig()})
+    assert f"{sum(math.prod(s) for s in SHAPES.values()):,}" in g.table()

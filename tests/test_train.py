@@ -1,0 +1,123 @@
+"""End-to-end training on tiny BERT + digits: freezing, pruned backward, exact resume."""
+import dataclasses
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import compose_cfg
+from ftlab import models, optim, param_groups
+from ftlab.checkpoint import Checkpoints
+from ftlab.optim import path_str
+from ftlab.schema import ConfigError, GroupRule
+from ftlab.step import make_train_step, trainable_filter
+from ftlab.train import run
+
+FAST = ("experiment=digits_tiny", "dataset.subset=400", "trainer.batch_size=32",
+        "trainer.progress=false")
+
+
+def latest_params(run_dir, cfg):
+    c = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode, 1)
+    model = models.abstract(cfg.model, 10)
+    params, _ = c.restore_latest(nnx.state(model, nnx.Param))
+    c.close()
+    return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+
+
+def test_frozen_params_bit_identical_after_training(tmp_path):
+    cfg = compose_cfg(*FAST, "schedule.groups.rest.train_from=null")  # embeddings + layer 0
+    run(cfg, tmp_path)
+    init = models.build(cfg.model, 10, cfg.trainer.seed)
+    before = {"/".join(map(str, p)): np.asarray(v[...])
+              for p, v in nnx.to_flat_state(nnx.state(init, nnx.Param))}
+    after = latest_params(tmp_path, cfg)
+    frozen = [p for p in before if re.fullmatch(cfg.schedule.groups["rest"].pattern, p)]
+    assert len(frozen) == 21
+    for p in before:
+        assert np.array_equal(before[p], after[p]) == (p in frozen), p
+
+
+def test_optimizer_state_only_for_trainable_params():
+    cfg = compose_cfg(*FAST)
+    model = models.build(cfg.model, 10, 0)
+    groups = param_groups.assign(models.loading.param_paths(model), cfg.schedule.groups,
+                                 cfg.schedule.phases)
+    paths = groups.trainable(0)  # head only
+    _, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+    tx = optim.build(cfg.optimizer, cfg.schedule.phases["head"], 10, trainable,
+                     groups.multipliers(paths, "lr_mult"), groups.multipliers(paths, "wd_mult"))
+    state = tx.init(trainable)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    param_leaves = [path_str(k) for k, v in leaves if np.ndim(v) > 0]
+    assert param_leaves and all(any(p.endswith("/" + t) for t in paths) for p in param_leaves)
+    assert all(p.startswith("head/") for p in paths)
+    sizes = sum(np.size(v) for _, v in leaves)
+    head = sum(np.size(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+               if _[0] == "head")
+    assert sizes < 3 * head  # two Adam moments + scalars, nothing for the frozen backbone
+
+
+def _dots_in_compiled_step(cfg, phase: int) -> int:
+    model = models.build(cfg.model, 10, 0)
+    groups = param_groups.assign(models.loading.param_paths(model), cfg.schedule.groups,
+                                 cfg.schedule.phases)
+    paths = groups.trainable(phase)
+    graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+    name, ph = list(cfg.schedule.phases.items())[phase]
+    tx = optim.build(cfg.optimizer, ph, 10, trainable, groups.multipliers(paths, "lr_mult"),
+                     groups.multipliers(paths, "wd_mult"))
+    step = make_train_step(graphdef, tx, cfg.tasks["main"])
+    batch = {"input_ids": np.ones((4, 64), np.int32), "attention_mask": np.ones((4, 64), np.int32),
+             "label": np.zeros(4, np.int32), "weight": np.ones(4, np.float32)}
+    hlo = step.lower(trainable, tx.init(trainable), rest, batch,
+                     jax.random.key(0)).compile().as_text()
+    return len(re.findall(r"\bdot\(", hlo)) + len(re.findall(r"custom-call.*matmul", hlo))
+
+
+def test_frozen_params_are_not_differentiated():
+    """Head-only compiles to far fewer matmuls than full: the backbone backward is gone."""
+    cfg = compose_cfg(*FAST)
+    head_only, full = _dots_in_compiled_step(cfg, 0), _dots_in_compiled_step(cfg, 2)
+    assert head_only < 0.6 * full, (head_only, full)
+
+
+def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
+    over = (*FAST, "trainer.plateau.patience=0", "trainer.early_stopping.patience=5")
+    ref = compose_cfg(*over)
+    res_ref = run(ref, tmp_path / "ref")
+    # Halt mid-epoch inside phase 2, then at the start of phase 3, then finish.
+    for halt in (13, 19):
+        out = run(compose_cfg(*over, f"trainer.halt_after_steps={halt}"), tmp_path / "cut")
+        assert out == {"halted": True, "step": halt}
+        assert not (tmp_path / "cut" / "results.json").exists()
+    res_cut = run(compose_cfg(*over), tmp_path / "cut")
+    a, b = latest_params(tmp_path / "ref", ref), latest_params(tmp_path / "cut", ref)
+    assert all(np.array_equal(a[p], b[p]) for p in a)
+    drop = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}
+    assert drop(res_ref) == drop(res_cut)
+    lines = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert lines(tmp_path / "ref")[-1] == lines(tmp_path / "cut")[-1]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run(compose_cfg(*FAST, "trainer.halt_after_steps=3"), tmp_path)
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(*FAST, "optimizer.weight_decay=0.5"), tmp_path)
+    assert e.value.key == "run_dir"
+
+
+def test_run_dir_records_provenance(tmp_path):
+    cfg = compose_cfg(*FAST, "trainer.max_epochs_per_phase=1", "trainer.limit_train_batches=2")
+    results = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == results and "test/accuracy" in saved and "test/macro_f1" in saved
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["packages"]["jax"] and "sha" in info["git"]
+    rows = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert rows[0] == "sample_id,split,label" and len(rows) == 401
+    assert {r.split(",")[1] for r in rows[1:]} == {"train", "val", "test"}
+    assert "name: digits_tiny" in (tmp_path / "config.yaml").read_text()
