@@ -101,6 +101,9 @@ def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
     assert drop(res_ref) == drop(res_cut)
     lines = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert lines(tmp_path / "ref")[-1] == lines(tmp_path / "cut")[-1]
+    # A finished run rerun in place trains no further: it re-evaluates the best checkpoint.
+    again = run(compose_cfg(*over), tmp_path / "cut")
+    assert drop(again) == drop(res_cut)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
@@ -121,3 +124,18 @@ def test_run_dir_records_provenance(tmp_path):
     assert rows[0] == "sample_id,split,label" and len(rows) == 401
     assert {r.split(",")[1] for r in rows[1:]} == {"train", "val", "test"}
     assert "name: digits_tiny" in (tmp_path / "config.yaml").read_text()
+
+
+def test_dropout_only_in_trainable_modules():
+    from ftlab.step import set_dropout
+    cfg = compose_cfg(*FAST)
+    model = models.build(cfg.model, 10, 0)
+    drops = lambda: {"/".join(map(str, p)): m.deterministic for p, m in nnx.iter_modules(model)
+                     if isinstance(m, nnx.Dropout)}
+    assert all(drops().values())  # built in inference mode
+    set_dropout(model, {"head/layers/0/kernel", "layers/1/fc1/kernel",
+                        "layers/1/attention/query/kernel"})
+    on = {p for p, det in drops().items() if not det}
+    assert on == {"head/dropout", "layers/1/dropout", "layers/1/attention/dropout"}
+    set_dropout(model, None)
+    assert all(drops().values())

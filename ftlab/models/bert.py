@@ -1,5 +1,8 @@
 """BERT encoder (HF `BertModel` layout) in Flax nnx, with a classifier head.
 
+Models are built in inference mode (dropout off); the trainer turns dropout on per phase
+in the modules that train (`ftlab.step.set_dropout`).
+
 Attention runs in (batch, heads, time, dim) layout with plain matmuls, which XLA's CPU
 backend executes several times faster than an einsum over (batch, time, heads, dim).
 """
@@ -40,7 +43,7 @@ class Embeddings(nnx.Module):
         self.position = nnx.Embed(size.max_positions, size.hidden, rngs=rngs)
         self.token_type = nnx.Embed(size.type_vocab_size, size.hidden, rngs=rngs)
         self.norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = nnx.Dropout(dropout, deterministic=True)
 
     def __call__(self, ids, *, rngs=None):
         positions = jnp.arange(ids.shape[1])[None, :]
@@ -55,7 +58,7 @@ class SelfAttention(nnx.Module):
         self.key = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.value = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.out = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = nnx.Dropout(dropout, deterministic=True)
 
     def __call__(self, x, bias, *, rngs=None):
         b, t, c = x.shape
@@ -79,7 +82,7 @@ class Layer(nnx.Module):
         self.fc1 = nnx.Linear(size.hidden, size.mlp, rngs=rngs)
         self.fc2 = nnx.Linear(size.mlp, size.hidden, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = nnx.Dropout(dropout, deterministic=True)
 
     def __call__(self, x, bias, *, rngs=None):
         x = self.attention_norm(x + self.dropout(self.attention(x, bias, rngs=rngs), rngs=rngs))

@@ -15,7 +15,7 @@ class ClassifierHead(nnx.Module):
         self.layers = nnx.List([nnx.Linear(a, b, kernel_init=init, rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:])])
         self.activation = ACTIVATIONS[activation]
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = nnx.Dropout(dropout, deterministic=True)
 
     def __call__(self, x, *, rngs=None):
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: a MiniLM train step per trainable set, and timing."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftlab import models, optim
+from ftlab.schema import ModelConfig, OptimizerConfig, PhaseConfig, TaskConfig
+from ftlab.step import make_train_step, set_dropout, trainable_filter
+
+
+def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extra) -> None:
+    """One JSON line per figure."""
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit,
+                      "ratio_to": ratio_to, **extra}), flush=True)
+
+
+def minilm(num_classes: int = 5) -> nnx.Module:
+    return models.build(ModelConfig(variant="minilm-l6"), num_classes, seed=0)
+
+
+def token_batch(batch: int, seq: int, num_classes: int = 5, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(1000, 30000, (batch, seq), dtype=np.int32),
+            "attention_mask": np.ones((batch, seq), np.int32),
+            "label": rng.integers(0, num_classes, batch, dtype=np.int32),
+            "weight": np.ones(batch, np.float32)}
+
+
+def ftlab_step(model, paths: set[str], start: int = 0):
+    """ftlab's own step for `paths` trainable: (step_fn, trainable, opt_state, rest)."""
+    set_dropout(model, paths)
+    graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; keep the model's
+    ones = {p: 1.0 for p in paths}
+    tx = optim.build(OptimizerConfig(), PhaseConfig(lr=1e-4), 1000, trainable, ones, ones)
+    return make_train_step(graphdef, tx, TaskConfig(), start), trainable, tx.init(trainable), rest
+
+
+def time_steps(step_fn, trainable, opt_state, rest, batch, warmup: int = 2,
+               repeats: int = 5) -> float:
+    """Median seconds per step after `warmup` steps (which include compilation)."""
+    key = jax.random.key(0)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        trainable, opt_state, m = step_fn(trainable, opt_state, rest, batch,
+                                          jax.random.fold_in(key, i))
+        jax.block_until_ready((trainable, m))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,83 @@
+"""Freezing must save compute: MiniLM train-step time per trainable set, as ratios to full
+fine-tuning in the same run (batch 32, seq 128, AdamW, clipping over trainable params).
+
+- full / last2 / head_only: ftlab's pruned backward (only trainable params differentiated);
+- masked: every gradient computed and clipped, frozen ones zeroed (optax multi_transform
+  with set_to_zero), the usual way freezing is done in JAX;
+- last2_cached / head_only_cached: what an ftlab phase actually runs per step when the
+  frozen leading stages are computed once (trainer.cache_frozen=true).
+
+Run: python benchmarks/freeze.py [--batch 32 --seq 128 --repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from common import emit, ftlab_step, minilm, time_steps, token_batch
+from ftlab.schema import TaskConfig
+from ftlab.step import make_train_step, set_dropout, trainable_filter
+
+LAST2 = re.compile(r"(head|layers/[45])/.*")
+HEAD = re.compile(r"head/.*")
+
+
+def masked_step(model, paths: set[str]):
+    """All params differentiated; optax zeroes the frozen ones' updates."""
+    set_dropout(model, paths)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.copy, params)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda kp, _: "train" if _path(kp) in paths else "freeze", params)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+        {"train": optax.adamw(1e-4), "freeze": optax.set_to_zero()}, labels))
+    return make_train_step(graphdef, tx, TaskConfig()), params, tx.init(params), rest
+
+
+def _path(kp) -> str:
+    from ftlab.optim import path_str
+    return path_str(kp)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    batch = token_batch(args.batch, args.seq)
+    model = minilm()
+    all_paths = set(models_paths(model))
+    sets = {"full": all_paths, "last2": {p for p in all_paths if LAST2.fullmatch(p)},
+            "head_only": {p for p in all_paths if HEAD.fullmatch(p)}}
+    times = {}
+    for name, paths in sets.items():
+        times[name] = time_steps(*ftlab_step(model, paths), batch, repeats=args.repeats)
+    times["masked_last2"] = time_steps(*masked_step(model, sets["last2"]), batch,
+                                       repeats=args.repeats)
+    # Cached variants: the step starts at the first trainable stage on precomputed inputs.
+    for name, start in (("last2_cached", 5), ("head_only_cached", 7)):
+        set_dropout(model, None)
+        prefix = nnx.jit(lambda m, b: m.forward(b, 0, start))(model, batch)
+        cached = {**batch, "hidden": prefix}
+        times[name] = time_steps(*ftlab_step(model, sets[name.split("_cached")[0]], start),
+                                 cached, repeats=args.repeats)
+    emit("freeze/full_step", times["full"], "s/step", None, batch=args.batch, seq=args.seq)
+    for name, t in times.items():
+        if name != "full":
+            emit(f"freeze/{name}", t / times["full"], "x full step time", "freeze/full_step",
+                 seconds=round(t, 4))
+
+
+def models_paths(model):
+    from ftlab.models.loading import param_paths
+    return param_paths(model)
+
+
+if __name__ == "__main__":
+    main()
