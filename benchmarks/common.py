@@ -12,7 +12,7 @@ from flax import nnx
 
 from ftlab import models, optim
 from ftlab.schema import ModelConfig, OptimizerConfig, PhaseConfig, TaskConfig
-from ftlab.step import make_train_step, set_dropout, trainable_filter
+from ftlab.step import make_train_step, set_modes, trainable_filter
 
 
 def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extra) -> None:
@@ -35,7 +35,7 @@ def token_batch(batch: int, seq: int, num_classes: int = 5, seed: int = 0) -> di
 
 def ftlab_step(model, paths: set[str], start: int = 0):
     """ftlab's own step for `paths` trainable: (step_fn, trainable, opt_state, rest)."""
-    set_dropout(model, paths)
+    set_modes(model, paths)
     graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; keep the model's
     ones = {p: 1.0 for p in paths}

@@ -21,7 +21,7 @@ from flax import nnx
 
 from common import emit, ftlab_step, minilm, time_steps, token_batch
 from ftlab.schema import TaskConfig
-from ftlab.step import make_train_step, set_dropout, trainable_filter
+from ftlab.step import make_train_step, set_modes
 
 LAST2 = re.compile(r"(head|layers/[45])/.*")
 HEAD = re.compile(r"head/.*")
@@ -29,7 +29,7 @@ HEAD = re.compile(r"head/.*")
 
 def masked_step(model, paths: set[str]):
     """All params differentiated; optax zeroes the frozen ones' updates."""
-    set_dropout(model, paths)
+    set_modes(model, paths)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)
     labels = jax.tree_util.tree_map_with_path(
@@ -62,8 +62,8 @@ def main() -> None:
                                        repeats=args.repeats)
     # Cached variants: the step starts at the first trainable stage on precomputed inputs.
     for name, start in (("last2_cached", 5), ("head_only_cached", 7)):
-        set_dropout(model, None)
-        prefix = nnx.jit(lambda m, b: m.forward(b, 0, start))(model, batch)
+        set_modes(model, None)
+        prefix = nnx.jit(lambda m, b, stop=start: m.forward(b, 0, stop))(model, batch)
         cached = {**batch, "hidden": prefix}
         times[name] = time_steps(*ftlab_step(model, sets[name.split("_cached")[0]], start),
                                  cached, repeats=args.repeats)

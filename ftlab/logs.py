@@ -12,11 +12,14 @@ from ftlab.schema import ConfigError, LoggerConfig
 log = logging.getLogger(__name__)
 
 
+def validate(cfg: LoggerConfig) -> None:
+    if cfg.mode not in ("offline", "online", "disabled"):
+        raise ConfigError("logger.mode", f"'{cfg.mode}' is not one of: offline, online, disabled")
+
+
 class MetricLog:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str):
-        if cfg.mode not in ("offline", "online", "disabled"):
-            raise ConfigError("logger.mode", f"'{cfg.mode}' is not one of: offline, online, "
-                                             "disabled")
+        validate(cfg)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
         if cfg.mode != "disabled":

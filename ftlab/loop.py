@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ftlab import metrics
-from ftlab.data.batches import ArrayData, batches, num_batches
+from ftlab.data.batches import ArrayData, batches
 
 
 @dataclasses.dataclass

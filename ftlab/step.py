@@ -21,16 +21,22 @@ def trainable_filter(paths: set[str]):
     return lambda path, x: isinstance(x, nnx.Param) and "/".join(map(str, path)) in paths
 
 
-def set_dropout(model: nnx.Module, trainable: set[str] | None) -> None:
-    """Dropout only inside modules that hold trainable params; None turns it all off (eval).
+def set_modes(model: nnx.Module, trainable: set[str] | None) -> None:
+    """Training behaviour only inside modules that hold trainable params: dropout on, batch
+    statistics used and updated. `None` puts the whole model in inference mode.
 
-    A frozen block is a fixed feature extractor: its output is then a pure function of the
-    input, which is what lets a phase cache it (see `first_trainable_stage`).
+    A frozen block is then a fixed feature extractor (its normalisation statistics stay put),
+    its output a pure function of the input, which lets a phase cache it
+    (see `first_trainable_stage`).
     """
+    def frozen(prefix: str) -> bool:
+        return trainable is None or not any(p.startswith(prefix) for p in trainable)
+
     for path, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.Dropout):
-            parent = "".join(f"{p}/" for p in path[:-1])
-            m.deterministic = trainable is None or not any(p.startswith(parent) for p in trainable)
+        if isinstance(m, nnx.Dropout):  # judged by the module it sits in
+            m.deterministic = frozen("".join(f"{p}/" for p in path[:-1]))
+        elif isinstance(m, nnx.BatchNorm):  # judged by its own scale / bias
+            m.use_running_average = frozen("".join(f"{p}/" for p in path))
 
 
 def first_trainable_stage(model: nnx.Module, trainable: set[str]) -> int:

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import models, optim, param_groups, provenance
+from ftlab import logs, models, optim, param_groups, provenance
 from ftlab.checkpoint import Checkpoints
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
@@ -24,7 +23,7 @@ from ftlab.data.prepare import Prepared, load_split, prepare
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, evaluate, train_epoch
 from ftlab.schema import Config, ConfigError, TaskConfig
-from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_dropout,
+from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
                         trainable_filter)
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,7 @@ def _task(cfg: Config) -> TaskConfig:
 def _check(cfg: Config) -> TaskConfig:
     """Checks that need no data or weights."""
     optim.validate(cfg.optimizer)
+    logs.validate(cfg.logger)
     t = cfg.trainer
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
@@ -154,9 +154,9 @@ class Trainer:
         train, val = self._inputs(model, rs.phase)
         steps_per_epoch = num_batches(len(train), t.batch_size, t.limit_train_batches)
         epochs = min(phase.epochs, t.max_epochs_per_phase or phase.epochs)
-        set_dropout(model, paths)
+        set_modes(model, paths)
         graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
-        set_dropout(model, None)
+        set_modes(model, None)
         eval_fn = make_eval_step(nnx.graphdef(model), start)
         tx = optim.build(self.cfg.optimizer, phase, epochs * steps_per_epoch, trainable,
                          self.groups.multipliers(paths, "lr_mult"),
@@ -227,7 +227,7 @@ class Trainer:
         start, base = self.starts[phase], min(self.starts[phase:])
         if start == 0:
             return data["train"], data["val"]
-        set_dropout(model, None)
+        set_modes(model, None)
         graphdef, state = nnx.graphdef(model), nnx.state(model)
         if base > 0 and (self.cache is None or self.cache[0] != base):
             began = time.perf_counter()
@@ -255,7 +255,7 @@ class Trainer:
         t = self.cfg.trainer
         best_step, params = self.ckpts.restore_best(nnx.state(model, nnx.Param))
         nnx.update(model, params)
-        set_dropout(model, None)
+        set_modes(model, None)
         eval_fn = make_eval_step(nnx.graphdef(model))
         out = {}
         for split in ("val", "test"):

@@ -1,5 +1,4 @@
 """End-to-end training on tiny BERT + digits: freezing, pruned backward, exact resume."""
-import dataclasses
 import json
 import re
 
@@ -12,7 +11,7 @@ from conftest import compose_cfg
 from ftlab import models, optim, param_groups
 from ftlab.checkpoint import Checkpoints
 from ftlab.optim import path_str
-from ftlab.schema import ConfigError, GroupRule
+from ftlab.schema import ConfigError
 from ftlab.step import make_train_step, trainable_filter
 from ftlab.train import run
 
@@ -127,15 +126,33 @@ def test_run_dir_records_provenance(tmp_path):
 
 
 def test_dropout_only_in_trainable_modules():
-    from ftlab.step import set_dropout
+    from ftlab.step import set_modes
     cfg = compose_cfg(*FAST)
     model = models.build(cfg.model, 10, 0)
     drops = lambda: {"/".join(map(str, p)): m.deterministic for p, m in nnx.iter_modules(model)
                      if isinstance(m, nnx.Dropout)}
     assert all(drops().values())  # built in inference mode
-    set_dropout(model, {"head/layers/0/kernel", "layers/1/fc1/kernel",
+    set_modes(model, {"head/layers/0/kernel", "layers/1/fc1/kernel",
                         "layers/1/attention/query/kernel"})
     on = {p for p, det in drops().items() if not det}
     assert on == {"head/dropout", "layers/1/dropout", "layers/1/attention/dropout"}
-    set_dropout(model, None)
+    set_modes(model, None)
     assert all(drops().values())
+
+
+def test_batchnorm_statistics_fixed_in_frozen_blocks():
+    from ftlab.step import set_modes
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.frozen = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+            self.trained = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.trained(self.frozen(x))
+
+    net = Net()
+    set_modes(net, {"trained/scale", "trained/bias"})
+    net(np.random.default_rng(0).normal(3.0, 2.0, (16, 3)).astype(np.float32))
+    assert np.array_equal(net.frozen.mean[...], np.zeros(3))  # running stats untouched
+    assert not np.array_equal(net.trained.mean[...], np.zeros(3))

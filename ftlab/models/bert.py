@@ -1,7 +1,7 @@
 """BERT encoder (HF `BertModel` layout) in Flax nnx, with a classifier head.
 
 Models are built in inference mode (dropout off); the trainer turns dropout on per phase
-in the modules that train (`ftlab.step.set_dropout`).
+in the modules that train (`ftlab.step.set_modes`).
 
 Attention runs in (batch, heads, time, dim) layout with plain matmuls, which XLA's CPU
 backend executes several times faster than an einsum over (batch, time, heads, dim).
