@@ -12,7 +12,7 @@ from flax import nnx
 
 from ftlab import models, optim
 from ftlab.schema import ModelConfig, OptimizerConfig, PhaseConfig, TaskConfig
-from ftlab.step import make_train_step, set_modes, trainable_filter
+from ftlab.step import make_train_step, split_for_training
 
 
 def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extra) -> None:
@@ -34,25 +34,24 @@ def token_batch(batch: int, seq: int, num_classes: int = 5, seed: int = 0) -> di
 
 
 def ftlab_step(model, paths: set[str], start: int = 0):
-    """ftlab's own step for `paths` trainable: (step_fn, trainable, opt_state, rest)."""
-    set_modes(model, paths)
-    graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
-    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; keep the model's
+    """ftlab's own step for `paths` trainable: (step_fn, (trainable, opt_state, stats), rest)."""
+    graphdef, trainable, stats, rest = split_for_training(model, paths)
+    # The step donates its carry; copy so the model keeps its own arrays for the next variant.
+    trainable, stats = jax.tree.map(jnp.copy, (trainable, stats))
     ones = {p: 1.0 for p in paths}
     tx = optim.build(OptimizerConfig(), PhaseConfig(lr=1e-4), 1000, trainable, ones, ones)
-    return make_train_step(graphdef, tx, TaskConfig(), start), trainable, tx.init(trainable), rest
+    step = make_train_step(graphdef, tx, TaskConfig(), start)
+    return step, (trainable, tx.init(trainable), stats), rest
 
 
-def time_steps(step_fn, trainable, opt_state, rest, batch, warmup: int = 2,
-               repeats: int = 5) -> float:
+def time_steps(step_fn, carry: tuple, rest, batch, warmup: int = 2, repeats: int = 5) -> float:
     """Median seconds per step after `warmup` steps (which include compilation)."""
     key = jax.random.key(0)
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        trainable, opt_state, m = step_fn(trainable, opt_state, rest, batch,
-                                          jax.random.fold_in(key, i))
-        jax.block_until_ready((trainable, m))
+        *carry, m = step_fn(*carry, rest, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready((carry, m))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

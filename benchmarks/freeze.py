@@ -29,14 +29,13 @@ HEAD = re.compile(r"head/.*")
 
 def masked_step(model, paths: set[str]):
     """All params differentiated; optax zeroes the frozen ones' updates."""
-    set_modes(model, paths)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(jnp.copy, params)
+    graphdef, params, stats, rest = split_for_training(model, set(models_paths(model)))
+    params, stats = jax.tree.map(jnp.copy, (params, stats))
     labels = jax.tree_util.tree_map_with_path(
         lambda kp, _: "train" if _path(kp) in paths else "freeze", params)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
         {"train": optax.adamw(1e-4), "freeze": optax.set_to_zero()}, labels))
-    return make_train_step(graphdef, tx, TaskConfig()), params, tx.init(params), rest
+    return make_train_step(graphdef, tx, TaskConfig()), (params, tx.init(params), stats), rest
 
 
 def _path(kp) -> str:

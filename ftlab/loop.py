@@ -34,14 +34,14 @@ class Monitor:
         return {"best": self.best, "bad": self.bad}
 
 
-def train_epoch(step_fn, trainable, opt_state, rest, it, key, rs, total: int,
+def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
                 halt_after: int | None, desc: str, progress: bool):
-    """Run the batches of `it`, advancing rs.step / rs.batch; returns the epoch's means."""
+    """Run the batches of `it` on carry = (trainable, opt_state, stats), advancing rs.step /
+    rs.batch; returns the new carry, the epoch's means and whether it halted."""
     sums, halted = [], False
     bar = tqdm(total=total, initial=rs.batch, desc=desc, disable=not progress, leave=False)
     for batch in it:
-        trainable, opt_state, m = step_fn(trainable, opt_state, rest, batch,
-                                          jax.random.fold_in(key, rs.step))
+        *carry, m = step_fn(*carry, rest, batch, jax.random.fold_in(key, rs.step))
         rs.step, rs.batch = rs.step + 1, rs.batch + 1
         sums.append(m)
         bar.update()
@@ -60,7 +60,7 @@ def train_epoch(step_fn, trainable, opt_state, rest, it, key, rs, total: int,
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"training loss is {out['loss']} at step {rs.step}; "
                                      "lower the learning rate or enable optimizer.clip_norm")
-    return trainable, opt_state, out, halted
+    return tuple(carry), out, halted
 
 
 def predict(eval_fn, state, data: ArrayData, batch_size: int, limit: int | None = None):

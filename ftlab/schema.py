@@ -42,11 +42,37 @@ class SplitConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation (off for eval). Any nonzero setting disables caching of
+    frozen stages, since their inputs change every step."""
+    rotate_deg: float = 0.0
+    hflip: bool = False
+    vflip: bool = False
+    brightness: float = 0.0  # fraction of the 0-255 range
+    contrast: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rotate_deg or self.hflip or self.vflip or self.brightness
+                    or self.contrast or self.noise)
+
+
+@dataclass
 class DatasetConfig:
     name: str = "bbc_news"
-    max_length: int = 128
+    label: Optional[str] = None  # which label column; None: the source's default
+    max_length: int = 128  # text: tokens per sample
+    image_size: int = 128  # images: square side in pixels after resizing
     subset: Optional[int] = None  # keep this many samples (stratified) before splitting
     split: SplitConfig = field(default_factory=SplitConfig)
+    group: Optional[str] = None  # column whose groups never span splits (e.g. a patient id)
+    env: Optional[str] = None  # environment column, summarised per split (e.g. cell_type)
+    duplicates: str = "fail"  # fail | warn | group: exact / near duplicates across splits
+    near_distance: int = 4  # perceptual-hash bits within which images are near duplicates
+    class_weights: str = "none"  # none | balanced | sqrt: per-class loss weights
+    oversample: bool = False  # resample minority classes up to the majority each epoch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -58,28 +58,40 @@ def weighted_xent(logits, labels, weight, smoothing: float):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig,
                     start: int = 0):
-    """(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, metrics).
+    """(trainable, opt_state, stats, rest, batch, key) -> (trainable, opt_state, stats, metrics).
 
-    `start` > 0 runs the model from that stage on cached inputs (`batch["hidden"]`).
+    Only `trainable` is differentiated. `stats` are the BatchNorm statistics (updated in
+    trainable modules, fixed in frozen ones); `rest` is everything else, read only. `start`
+    > 0 runs the model from that stage on cached inputs (`batch["hidden"]`).
     """
 
-    def loss_fn(trainable, rest, batch, key):
-        model = nnx.merge(graphdef, trainable, rest)
+    def loss_fn(trainable, stats, rest, batch, key):
+        # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
+        model = nnx.merge(graphdef, trainable, stats, rest, copy=True)
         logits = model.forward(batch, start, rngs=nnx.Rngs(dropout=key))
         loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing)
-        return loss, logits
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, rest, batch, key):
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, rest, batch, key)
+    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(trainable, opt_state, stats, rest, batch, key):
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, stats, rest, batch, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         correct = ((logits.argmax(-1) == batch[task.label]) * batch["weight"]).sum()
-        return trainable, opt_state, {"loss": loss, "correct": correct,
-                                      "count": batch["weight"].sum()}
+        return trainable, opt_state, stats, {"loss": loss, "correct": correct,
+                                             "count": batch["weight"].sum()}
 
     return step
+
+
+def split_for_training(model: nnx.Module, trainable: set[str]):
+    """(graphdef, trainable params, batch stats, rest) with training modes set for `trainable`;
+    the model itself is left in inference mode."""
+    set_modes(model, trainable)
+    parts = nnx.split(model, trainable_filter(trainable), nnx.BatchStat, ...)
+    set_modes(model, None)
+    return parts
 
 
 def make_eval_step(graphdef, start: int = 0, stop: int | None = None):

@@ -20,11 +20,13 @@ from ftlab.checkpoint import Checkpoints
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
+from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, evaluate, train_epoch
 from ftlab.schema import Config, ConfigError, TaskConfig
+from ftlab.models.loading import WEIGHTS
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
-                        trainable_filter)
+                        split_for_training)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = _check(cfg)
-    ex, parts = load_split(cfg.dataset)
+    split = load_split(cfg.dataset)
+    ex, parts = split.examples, split.parts
+    _data_report(cfg, split, run_dir)
     num_classes = len(ex.class_names)
     abstract = models.abstract(cfg.model, num_classes)  # also checks weights file, head size
     groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
@@ -114,6 +118,22 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return results
 
 
+def _data_report(cfg: Config, split, run_dir: Path) -> None:
+    """Write the leakage report and data summary; fail on leakage unless told otherwise."""
+    ex, d = split.examples, cfg.dataset
+    env = None if d.env is None else ex.columns[d.env]
+    write_summary(run_dir / "data_summary.json",
+                  data_summary(ex.labels, ex.class_names, split.parts, env, d.env))
+    split.leaks.to_csv(run_dir / "leakage.csv")
+    if split.leaks.ok:
+        return
+    msg = (f"{split.leaks.summary()} (see {run_dir / 'leakage.csv'}); set "
+           "dataset.duplicates=group to keep duplicates inside one split, or =warn to go on")
+    if d.duplicates == "fail":
+        raise ConfigError("dataset.duplicates", msg)
+    log.warning("leakage: %s", msg)
+
+
 class Trainer:
     def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved):
         self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
@@ -128,7 +148,7 @@ class Trainer:
                 RunState()
         state = RunState(**meta["run_state"])
         model = models.abstract(self.cfg.model, self.data.num_classes)
-        params, _ = self.ckpts.restore_latest(nnx.state(model, nnx.Param))
+        params, _ = self.ckpts.restore_latest(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         return model, state
 
@@ -154,16 +174,14 @@ class Trainer:
         train, val = self._inputs(model, rs.phase)
         steps_per_epoch = num_batches(len(train), t.batch_size, t.limit_train_batches)
         epochs = min(phase.epochs, t.max_epochs_per_phase or phase.epochs)
-        set_modes(model, paths)
-        graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
-        set_modes(model, None)
+        graphdef, trainable, stats, rest = split_for_training(model, paths)
         eval_fn = make_eval_step(nnx.graphdef(model), start)
         tx = optim.build(self.cfg.optimizer, phase, epochs * steps_per_epoch, trainable,
                          self.groups.multipliers(paths, "lr_mult"),
                          self.groups.multipliers(paths, "wd_mult"))
         opt_state = tx.init(trainable)
         if meta is not None and rs.opt_phase == rs.phase:
-            _, opt_state = self.ckpts.restore_latest(nnx.state(model, nnx.Param),
+            _, opt_state = self.ckpts.restore_latest(nnx.state(model, WEIGHTS),
                                                      jax.eval_shape(lambda: opt_state))
         rs.opt_phase = rs.phase
         log.info("phase %s: %d epochs x %d steps, training %d tensors from stage %d",
@@ -174,14 +192,14 @@ class Trainer:
         while rs.epoch < epochs:
             idx = order(len(train), t.seed, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
-            trainable, opt_state, train_m, halted = train_epoch(
-                step_fn, trainable, opt_state, rest, it, key, rs, steps_per_epoch,
+            (trainable, opt_state, stats), train_m, halted = train_epoch(
+                step_fn, (trainable, opt_state, stats), rest, it, key, rs, steps_per_epoch,
                 t.halt_after_steps, desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress)
             if halted:
-                self._save_latest(graphdef, trainable, rest, opt_state, rs)
+                self._save_latest(model, (trainable, stats), opt_state, rs)
                 log.info("halted at step %d; rerun the same command to resume", rs.step)
                 return True
-            nnx.update(model, trainable)
+            nnx.update(model, trainable, stats)
             val_m = evaluate(eval_fn, nnx.state(model), val, t.eval_batch_size,
                              self.data.num_classes, t.limit_eval_batches)
             rs.batch, rs.epoch = 0, rs.epoch + 1
@@ -202,18 +220,18 @@ class Trainer:
                 opt_state = optim.set_lr_scale(opt_state, rs.lr_scale)
                 log.info("plateau: lr scale now %g", rs.lr_scale)
             rs.stop, rs.plateau = stop.state(), plateau.state()
-            self.ckpts.save_best(rs.step, nnx.state(model, nnx.Param),
+            self.ckpts.save_best(rs.step, nnx.state(model, WEIGHTS),
                                  {k: v for k, v in metrics.items() if k.startswith("val/")})
             if stopped:
                 log.info("early stopping phase %s after %d evaluations without improvement",
                          name, stop.bad)
                 break
             if rs.epoch < epochs:
-                self._save_latest(graphdef, trainable, rest, opt_state, rs)
+                self._save_latest(model, (), opt_state, rs)
         rs.phase, rs.epoch, rs.batch, rs.lr_scale = rs.phase + 1, 0, 0, 1.0
         rs.stop, rs.plateau = {}, {}
         rs.done = rs.phase >= len(self.phases)
-        self._save_latest(graphdef, trainable, rest, opt_state, rs)
+        self._save_latest(model, (trainable, stats), opt_state, rs)
         return False
 
     def _inputs(self, model, phase: int):
@@ -246,14 +264,17 @@ class Trainer:
             val = cache_prefix(mid, state, val, t.eval_batch_size, t.limit_eval_batches)
         return train, val
 
-    def _save_latest(self, graphdef, trainable, rest, opt_state, rs: RunState) -> None:
-        params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
+    def _save_latest(self, model, updates: tuple, opt_state, rs: RunState) -> None:
+        """Checkpoint the model (after applying `updates`: states newer than it) and run."""
+        if updates:
+            nnx.update(model, *updates)
+        params = nnx.state(model, WEIGHTS)
         meta = {"run_state": dataclasses.asdict(rs), "config": self.resolved}
         self.ckpts.save_latest(rs.step, params, opt_state, meta)
 
     def _finish(self, model, rs: RunState, seconds: float) -> dict:
         t = self.cfg.trainer
-        best_step, params = self.ckpts.restore_best(nnx.state(model, nnx.Param))
+        best_step, params = self.ckpts.restore_best(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         set_modes(model, None)
         eval_fn = make_eval_step(nnx.graphdef(model))

@@ -10,9 +10,10 @@ from flax import nnx
 from conftest import compose_cfg
 from ftlab import models, optim, param_groups
 from ftlab.checkpoint import Checkpoints
+from ftlab.models.loading import WEIGHTS
 from ftlab.optim import path_str
 from ftlab.schema import ConfigError
-from ftlab.step import make_train_step, trainable_filter
+from ftlab.step import make_train_step, split_for_training, trainable_filter
 from ftlab.train import run
 
 FAST = ("experiment=digits_tiny", "dataset.subset=400", "trainer.batch_size=32",
@@ -22,7 +23,7 @@ FAST = ("experiment=digits_tiny", "dataset.subset=400", "trainer.batch_size=32",
 def latest_params(run_dir, cfg):
     c = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode, 1)
     model = models.abstract(cfg.model, 10)
-    params, _ = c.restore_latest(nnx.state(model, nnx.Param))
+    params, _ = c.restore_latest(nnx.state(model, WEIGHTS))
     c.close()
     return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
 
@@ -65,14 +66,14 @@ def _dots_in_compiled_step(cfg, phase: int) -> int:
     groups = param_groups.assign(models.loading.param_paths(model), cfg.schedule.groups,
                                  cfg.schedule.phases)
     paths = groups.trainable(phase)
-    graphdef, trainable, rest = nnx.split(model, trainable_filter(paths), ...)
+    graphdef, trainable, stats, rest = split_for_training(model, paths)
     name, ph = list(cfg.schedule.phases.items())[phase]
     tx = optim.build(cfg.optimizer, ph, 10, trainable, groups.multipliers(paths, "lr_mult"),
                      groups.multipliers(paths, "wd_mult"))
     step = make_train_step(graphdef, tx, cfg.tasks["main"])
     batch = {"input_ids": np.ones((4, 64), np.int32), "attention_mask": np.ones((4, 64), np.int32),
              "label": np.zeros(4, np.int32), "weight": np.ones(4, np.float32)}
-    hlo = step.lower(trainable, tx.init(trainable), rest, batch,
+    hlo = step.lower(trainable, tx.init(trainable), stats, rest, batch,
                      jax.random.key(0)).compile().as_text()
     return len(re.findall(r"\bdot\(", hlo)) + len(re.findall(r"custom-call.*matmul", hlo))
 

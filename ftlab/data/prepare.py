@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from ftlab.data import sources, splits
+from ftlab.data import duplicates, sources, splits
+from ftlab.data.grouped import grouped_split
+from ftlab.data.leakage import LeakReport
+from ftlab.data.summary import check_classes_present
 from ftlab.data.batches import ArrayData
 from ftlab.data.tokenize import encode, load_tokenizer
 from ftlab.schema import ConfigError, DatasetConfig, ModelConfig
@@ -21,19 +24,49 @@ class Prepared:
         return len(self.class_names)
 
 
-def load_split(cfg: DatasetConfig) -> tuple[sources.Examples, dict[str, np.ndarray]]:
-    """The (optionally subset) examples and their stratified split indices."""
-    ex = sources.load(cfg.name)
+@dataclasses.dataclass
+class Split:
+    examples: sources.Examples
+    parts: dict[str, np.ndarray]  # split name -> sorted sample indices
+    leaks: LeakReport
+
+
+def column(ex: sources.Examples, name: str, key: str) -> np.ndarray:
+    if name not in ex.columns:
+        raise ConfigError(key, f"dataset '{ex.ids[0].split('/')[0]}' has no column '{name}'; "
+                               f"columns: {', '.join(ex.columns) or 'none'}")
+    return ex.columns[name]
+
+
+def load_split(cfg: DatasetConfig) -> Split:
+    """The (optionally subset) examples, their split and the cross-split duplicate report."""
+    if cfg.duplicates not in duplicates.MODES:
+        raise ConfigError("dataset.duplicates", f"'{cfg.duplicates}' is not one of: "
+                                                f"{', '.join(duplicates.MODES)}")
+    ex = sources.load(cfg)
     if cfg.subset is not None:
         if cfg.subset < 10:
             raise ConfigError("dataset.subset", "keep at least 10 samples, or null for all")
         ex = ex.take(splits.stratified_subset(ex.labels, cfg.subset, cfg.split.seed))
-    return ex, splits.split(ex.labels, cfg.split)
+    if cfg.env is not None:
+        column(ex, cfg.env, "dataset.env")
+    exact, near = duplicates.sample_keys(ex)
+    groups = None if cfg.group is None else column(ex, cfg.group, "dataset.group")
+    if cfg.duplicates == "group":
+        groups = duplicates.duplicate_groups(exact, near, cfg.near_distance, groups)
+    if groups is None:
+        parts = splits.split(ex.labels, cfg.split)
+    else:
+        s = cfg.split
+        parts = grouped_split(ex.labels, groups, (s.train, s.val, s.test), seed=s.seed)
+    check_classes_present(ex.labels, ex.class_names, parts)
+    return Split(ex, parts, duplicates.leak_report(ex, parts, exact, near, cfg.near_distance))
 
 
-def tokens(ex: sources.Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict[str, np.ndarray]:
-    if ex.tokens is not None:
-        return {k: v[:, :dcfg.max_length] for k, v in ex.tokens.items()}
+def inputs(ex: sources.Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict[str, np.ndarray]:
+    if ex.arrays is not None:
+        return {k: v[:, :dcfg.max_length] if k in ("input_ids", "attention_mask") else v
+                for k, v in ex.arrays.items()}
     if mcfg.tokenizer is None:
         raise ConfigError("model.tokenizer", f"dataset '{dcfg.name}' is text; give the "
                                              "model a tokenizer.json path")
@@ -42,6 +75,6 @@ def tokens(ex: sources.Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict
 
 def prepare(ex: sources.Examples, parts: dict[str, np.ndarray], dcfg: DatasetConfig,
             mcfg: ModelConfig) -> Prepared:
-    arrays = {**tokens(ex, dcfg, mcfg), "label": ex.labels.astype(np.int32)}
+    arrays = {**inputs(ex, dcfg, mcfg), "label": ex.labels.astype(np.int32)}
     return Prepared({k: ArrayData({n: a[idx] for n, a in arrays.items()}) for k, idx in parts.items()},
                     {k: ex.ids[idx] for k, idx in parts.items()}, ex.class_names)

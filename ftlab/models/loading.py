@@ -52,8 +52,9 @@ def find_file(spec: str, names: Sequence[str], key: str) -> Path:
     path = resolve_path(spec, key)
     if path.is_dir():
         for name in names:
-            if (path / name).is_file():
-                return path / name
+            found = sorted(p for p in path.glob(name) if p.is_file())
+            if found:
+                return found[0]
         raise ConfigError(key, f"no {' or '.join(names)} in {path}; point {key} at a "
                                "directory or file that has it")
     if not path.is_file():
@@ -66,13 +67,20 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
         return load_file(str(path))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        from ftlab.models.torch_io import read_state_dict
+        return read_state_dict(path)
     raise LoadError(f"{path}: unsupported weights format '{path.suffix}' "
-                    "(supported: .safetensors)")
+                    "(supported: .safetensors, .pth, .pt, .bin torch state dicts)")
 
 
-def param_paths(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    """'/'-joined path -> shape of every nnx.Param."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+# What a pretrained source or a checkpoint holds: params and normalisation statistics.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def param_paths(model: nnx.Module, kind=nnx.Param) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape of every variable of `kind` (default: trainable params)."""
+    flat = nnx.to_flat_state(nnx.state(model, kind))
     return {"/".join(map(str, p)): tuple(v.shape) for p, v in flat}
 
 
@@ -99,7 +107,7 @@ def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]]
 
     Returns the model paths left at their fresh init (those matched by `new`).
     """
-    shapes = param_paths(model)
+    shapes = param_paths(model, WEIGHTS)
     problems = [f"source tensor '{n}' is unused (add a model.skip rule if intended)"
                 for n in unexplained]
     fresh = []
@@ -111,13 +119,13 @@ def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]]
         elif any(re.fullmatch(p, path) for p in new):
             fresh.append(path)
         else:
-            problems.append(f"model param '{path}' has no source tensor "
+            problems.append(f"model weight '{path}' has no source tensor "
                             "(declare it in model.new if it is a new layer)")
     problems += [f"'{src}' -> '{path}': no such model param"
                  for path, (src, _) in mapped.items() if path not in shapes]
     if problems:
         raise LoadError(f"{source}: {len(problems)} mismatch(es): " + "; ".join(problems))
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, WEIGHTS)
     for p, var in nnx.to_flat_state(state):
         key = "/".join(map(str, p))
         if key in mapped:
