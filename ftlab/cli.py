@@ -31,6 +31,7 @@ def _setup_jax() -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train(cfg: DictConfig) -> None:
     from ftlab.checkpoint import CheckpointMismatch
+    from ftlab.data.user import DataError
     from ftlab.models.loading import LoadError
     from ftlab.train import run
 
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> None:
     try:
         config: Config = from_omegaconf(cfg)
         results = run(config, run_dir)
-    except (ConfigError, LoadError, CheckpointMismatch) as e:
+    except (ConfigError, DataError, LoadError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if results.get("halted"):

@@ -60,8 +60,12 @@ class AugmentConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "bbc_news"
+    name: str = "bbc_news"  # bbc_news | digits | elpv | mnist_5k | folder | table
     label: Optional[str] = None  # which label column; None: the source's default
+    path: Optional[str] = None  # folder / table: the images folder or the table file
+    text_column: Optional[str] = None  # table: a text column ...
+    image_column: Optional[str] = None  # ... or a column of image paths (relative to the table)
+    classes: Optional[List[str]] = None  # the class list (order = label ids); None: sorted
     max_length: int = 128  # text: tokens per sample
     image_size: int = 128  # images: square side in pixels after resizing
     subset: Optional[int] = None  # keep this many samples (stratified) before splitting
@@ -199,6 +203,8 @@ def from_omegaconf(cfg) -> Config:
     """The typed Config of a composed DictConfig; keys the schema lacks are an error
     (struct mode already rejects `key=v`; this catches `+key=v` too)."""
     from omegaconf import OmegaConf
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(key, f"is required; set it, e.g. `ftlab-train {key}=...`")
     obj = OmegaConf.to_object(cfg)
     for key, known in _extra_keys(obj):
         raise ConfigError(key, f"unknown key; known keys here: {', '.join(known)}")

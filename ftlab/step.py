@@ -48,28 +48,37 @@ def first_trainable_stage(model: nnx.Module, trainable: set[str]) -> int:
     return 0
 
 
-def weighted_xent(logits, labels, weight, smoothing: float):
+def weighted_xent(logits, labels, weight, smoothing: float = 0.0, class_weights=None):
+    """Mean cross-entropy over rows weighted by `weight` (0 for padding) and, optionally,
+    by their class's weight (normalised by the total weight, like torch's `weight=`)."""
     n = logits.shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
         jax.nn.one_hot(labels, n)
     per = optax.softmax_cross_entropy(logits, targets)
-    return (per * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    if class_weights is not None:
+        weight = weight * jnp.asarray(class_weights)[labels]
+    return (per * weight).sum() / jnp.maximum(weight.sum(), 1e-12)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig,
-                    start: int = 0):
+                    start: int = 0, class_weights=None, augment=None):
     """(trainable, opt_state, stats, rest, batch, key) -> (trainable, opt_state, stats, metrics).
 
     Only `trainable` is differentiated. `stats` are the BatchNorm statistics (updated in
     trainable modules, fixed in frozen ones); `rest` is everything else, read only. `start`
-    > 0 runs the model from that stage on cached inputs (`batch["hidden"]`).
+    > 0 runs the model from that stage on cached inputs (`batch["hidden"]`). `augment`,
+    if given, maps (key, batch) -> batch before the forward pass.
     """
 
     def loss_fn(trainable, stats, rest, batch, key):
         # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
         model = nnx.merge(graphdef, trainable, stats, rest, copy=True)
+        if augment is not None:
+            key, aug_key = jax.random.split(key)
+            batch = augment(aug_key, batch)
         logits = model.forward(batch, start, rngs=nnx.Rngs(dropout=key))
-        loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing)
+        loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing,
+                             class_weights)
         return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
@@ -20,10 +22,12 @@ from ftlab.checkpoint import Checkpoints
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
+from ftlab.data.augment import ImageAugment
+from ftlab.data.balance import class_weights, oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, evaluate, train_epoch
-from ftlab.schema import Config, ConfigError, TaskConfig
+from ftlab.schema import AugmentConfig, Config, ConfigError, TaskConfig
 from ftlab.models.loading import WEIGHTS
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
                         split_for_training)
@@ -106,6 +110,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
     provenance.write(run_dir, OmegaConf.to_yaml(resolved))
     data = prepare(ex, parts, cfg.dataset, cfg.model)
+    if cfg.dataset.augment.active and "image" not in data.parts["train"].arrays:
+        raise ConfigError("dataset.augment", "image augmentation is set but dataset "
+                                             f"'{cfg.dataset.name}' has no images")
     metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
     try:
         results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved).fit(meta)
@@ -116,6 +123,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def augment_fn(cfg: AugmentConfig):
+    """(key, batch) -> batch with the image augmented on the 0-255 scale; None when off."""
+    if not cfg.active:
+        return None
+    aug = ImageAugment(**dataclasses.asdict(cfg))
+
+    def apply(key, batch):
+        img = batch["image"].astype(jnp.float32) / 255.0
+        return {**batch, "image": jnp.clip(aug(key, img), 0.0, 1.0) * 255.0}
+
+    return apply
 
 
 def _data_report(cfg: Config, split, run_dir: Path) -> None:
@@ -141,6 +161,10 @@ class Trainer:
         self.phases = list(cfg.schedule.phases.items())
         self.cache = None  # (stage, train inputs, val inputs) of the always-frozen prefix
         self.starts: list[int] = []  # first trainable stage of each phase
+        self.class_weights = None if cfg.dataset.class_weights == "none" else class_weights(
+            data.parts["train"].arrays["label"], data.num_classes, cfg.dataset.class_weights)
+        if self.class_weights is not None:
+            log.info("class weights: %s", np.round(self.class_weights, 3).tolist())
 
     def _model(self, meta: dict | None):
         if meta is None:
@@ -155,8 +179,9 @@ class Trainer:
     def fit(self, meta: dict | None) -> dict:
         t = self.cfg.trainer
         model, rs = self._model(meta)
-        self.starts = [first_trainable_stage(model, self.groups.trainable(i))
-                       if t.cache_frozen else 0 for i in range(len(self.phases))]
+        cache = t.cache_frozen and not self.cfg.dataset.augment.active  # inputs must be fixed
+        self.starts = [first_trainable_stage(model, self.groups.trainable(i)) if cache else 0
+                       for i in range(len(self.phases))]
         key = jax.random.key(t.seed)
         start = time.perf_counter()
         while not rs.done and rs.phase < len(self.phases):
@@ -172,7 +197,8 @@ class Trainer:
         paths = self.groups.trainable(rs.phase)
         start = self.starts[rs.phase]
         train, val = self._inputs(model, rs.phase)
-        steps_per_epoch = num_batches(len(train), t.batch_size, t.limit_train_batches)
+        steps_per_epoch = num_batches(len(self._order(train, rs.phase, 0)), t.batch_size,
+                                      t.limit_train_batches)
         epochs = min(phase.epochs, t.max_epochs_per_phase or phase.epochs)
         graphdef, trainable, stats, rest = split_for_training(model, paths)
         eval_fn = make_eval_step(nnx.graphdef(model), start)
@@ -188,9 +214,10 @@ class Trainer:
                  name, epochs, steps_per_epoch, len(paths), start)
         stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
         plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
-        step_fn = make_train_step(graphdef, tx, self.task, start)
+        step_fn = make_train_step(graphdef, tx, self.task, start, self.class_weights,
+                                  augment_fn(self.cfg.dataset.augment))
         while rs.epoch < epochs:
-            idx = order(len(train), t.seed, rs.phase, rs.epoch)
+            idx = self._order(train, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
             (trainable, opt_state, stats), train_m, halted = train_epoch(
                 step_fn, (trainable, opt_state, stats), rest, it, key, rs, steps_per_epoch,
@@ -233,6 +260,13 @@ class Trainer:
         rs.done = rs.phase >= len(self.phases)
         self._save_latest(model, (trainable, stats), opt_state, rs)
         return False
+
+    def _order(self, train, phase: int, epoch: int) -> np.ndarray:
+        """This epoch's sample order: shuffled, or class-balanced by oversampling."""
+        seed = self.cfg.trainer.seed
+        if self.cfg.dataset.oversample:
+            return oversample_order(train.arrays["label"], seed, phase, epoch)
+        return order(len(train), seed, phase, epoch)
 
     def _inputs(self, model, phase: int):
         """Train and val inputs for phase number `phase`, which starts at stage starts[phase].

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ftlab.data.leakage import LeakReport, content_hash, find_leaks, image_phash, near_pairs, text_key
-from ftlab.data.sources import Examples
+from ftlab.data.examples import Examples
 
 MODES = ("fail", "warn", "group")
 

@@ -62,7 +62,8 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray,
     if n_groups < len(SPLITS):
         raise ConfigError("dataset.split", f"only {n_groups} distinct group(s); a grouped split "
                                            "needs at least 3; use a finer group key or no groups")
-    k = min(MAX_FOLDS, n_groups)
+    # sklearn refuses more folds than the largest class has samples.
+    k = min(MAX_FOLDS, n_groups, int(np.bincount(np.unique(labels, return_inverse=True)[1]).max()))
     folds = _folds(labels, groups, k, seed)
     deal = np.random.default_rng(seed).permutation(k)
     bounds = np.cumsum(fold_counts(fracs, k))[:-1]

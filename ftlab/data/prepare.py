@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 
 from ftlab.data import duplicates, sources, splits
+from ftlab.data.examples import Examples
 from ftlab.data.grouped import grouped_split
 from ftlab.data.leakage import LeakReport
 from ftlab.data.summary import check_classes_present
@@ -26,12 +27,12 @@ class Prepared:
 
 @dataclasses.dataclass
 class Split:
-    examples: sources.Examples
+    examples: Examples
     parts: dict[str, np.ndarray]  # split name -> sorted sample indices
     leaks: LeakReport
 
 
-def column(ex: sources.Examples, name: str, key: str) -> np.ndarray:
+def column(ex: Examples, name: str, key: str) -> np.ndarray:
     if name not in ex.columns:
         raise ConfigError(key, f"dataset '{ex.ids[0].split('/')[0]}' has no column '{name}'; "
                                f"columns: {', '.join(ex.columns) or 'none'}")
@@ -50,6 +51,12 @@ def load_split(cfg: DatasetConfig) -> Split:
         ex = ex.take(splits.stratified_subset(ex.labels, cfg.subset, cfg.split.seed))
     if cfg.env is not None:
         column(ex, cfg.env, "dataset.env")
+    counts = np.bincount(ex.labels, minlength=len(ex.class_names))
+    for name, n in zip(ex.class_names, counts):
+        if n < 3:
+            raise ConfigError("dataset.split", f"class '{name}' has no samples in split "
+                                               f"train/val/test: it has {n} in all (needs 3+); "
+                                               "add data or drop the class")
     exact, near = duplicates.sample_keys(ex)
     groups = None if cfg.group is None else column(ex, cfg.group, "dataset.group")
     if cfg.duplicates == "group":
@@ -63,7 +70,7 @@ def load_split(cfg: DatasetConfig) -> Split:
     return Split(ex, parts, duplicates.leak_report(ex, parts, exact, near, cfg.near_distance))
 
 
-def inputs(ex: sources.Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict[str, np.ndarray]:
+def inputs(ex: Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict[str, np.ndarray]:
     if ex.arrays is not None:
         return {k: v[:, :dcfg.max_length] if k in ("input_ids", "attention_mask") else v
                 for k, v in ex.arrays.items()}
@@ -73,7 +80,7 @@ def inputs(ex: sources.Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict
     return encode(load_tokenizer(mcfg.tokenizer, dcfg.max_length), ex.texts)
 
 
-def prepare(ex: sources.Examples, parts: dict[str, np.ndarray], dcfg: DatasetConfig,
+def prepare(ex: Examples, parts: dict[str, np.ndarray], dcfg: DatasetConfig,
             mcfg: ModelConfig) -> Prepared:
     arrays = {**inputs(ex, dcfg, mcfg), "label": ex.labels.astype(np.int32)}
     return Prepared({k: ArrayData({n: a[idx] for n, a in arrays.items()}) for k, idx in parts.items()},

@@ -1,33 +1,15 @@
 """Dataset sources: each returns ids, raw inputs (texts or token arrays), labels, classes."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ftlab.data import user
+from ftlab.data.examples import Examples, resize_square
 from ftlab.models.loading import resolve_path
 from ftlab.schema import ConfigError, DatasetConfig
-
-
-@dataclasses.dataclass
-class Examples:
-    ids: np.ndarray  # str, unique per sample
-    labels: np.ndarray  # int
-    class_names: list[str]
-    texts: list[str] | None = None  # to tokenize with the model's tokenizer
-    arrays: dict[str, np.ndarray] | None = None  # ready model inputs (input_ids, image, ...)
-    columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other labels
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, idx: np.ndarray) -> "Examples":
-        pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}
-        return Examples(self.ids[idx], self.labels[idx], self.class_names,
-                        texts=None if self.texts is None else [self.texts[i] for i in idx],
-                        arrays=pick(self.arrays), columns=pick(self.columns))
 
 
 def bbc_news(cfg: DatasetConfig) -> Examples:
@@ -51,15 +33,6 @@ def digits(cfg: DatasetConfig) -> Examples:
     tokens = {"input_ids": d.data.astype(np.int32) + 1,
               "attention_mask": np.ones(d.data.shape, np.int32)}
     return Examples(ids, d.target.astype(np.int64), [str(i) for i in range(10)], arrays=tokens)
-
-
-def resize_square(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W) greyscale -> (N, size, size, 3) RGB, antialiased bilinear (Pillow)."""
-    from PIL import Image
-    out = np.empty((len(images), size, size), np.uint8)
-    for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-    return np.repeat(out[..., None], 3, axis=-1)
 
 
 ELPV_LABELS = {  # label column -> (class names, function of defect probability / cell type)
@@ -91,7 +64,8 @@ def elpv(cfg: DatasetConfig) -> Examples:
 
 
 SOURCES: dict[str, Callable[[DatasetConfig], Examples]] = {
-    "bbc_news": bbc_news, "digits": digits, "elpv": elpv}
+    "bbc_news": bbc_news, "digits": digits, "elpv": elpv, "mnist_5k": user.mnist_5k,
+    "folder": user.folder, "table": user.table}
 
 
 def load(cfg: DatasetConfig) -> Examples:
