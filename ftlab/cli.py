@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> None:
     if results.get("halted"):
         print(f"halted at step {results['step']}; rerun the same command to resume ({run_dir})")
         return
+    recall = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in results.items()
+                       if k.startswith("test/recall/"))
     print(f"{config.name}: test accuracy {results['test/accuracy']:.4f}, "
-          f"macro-F1 {results['test/macro_f1']:.4f} (best step {results['best_step']}; "
-          f"{run_dir}/results.json)")
+          f"macro-F1 {results['test/macro_f1']:.4f}; recall per class: {recall} "
+          f"(best step {results['best_step']}; {run_dir}/results.json)")

@@ -82,7 +82,7 @@ def cache_prefix(prefix_fn, state, data: ArrayData, batch_size: int,
     return ArrayData({**keep, "hidden": hidden})
 
 
-def evaluate(eval_fn, state, data: ArrayData, batch_size: int, num_classes: int,
+def evaluate(eval_fn, state, data: ArrayData, batch_size: int, class_names: list[str],
              limit: int | None = None) -> dict[str, float]:
     logits, labels = predict(eval_fn, state, data, batch_size, limit)
-    return metrics.classification(logits, labels, num_classes)
+    return metrics.classification(logits, labels, class_names)

@@ -33,10 +33,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def write(run_dir: Path, config_yaml: str) -> None:
+def write(run_dir: Path, config_yaml: str, pretrained: dict | None = None) -> None:
     import jax
     (run_dir / "config.yaml").write_text(config_yaml)
     info = {"git": git_sha(Path(__file__).parent), "packages": versions(),
+            "pretrained": pretrained,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "devices": [str(d) for d in jax.devices()], "argv": sys.argv}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))

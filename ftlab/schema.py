@@ -51,11 +51,16 @@ class AugmentConfig:
     brightness: float = 0.0  # fraction of the 0-255 range
     contrast: float = 0.0
     noise: float = 0.0
+    token_dropout: float = 0.0  # text: fraction of real tokens replaced by [MASK]
+
+    @property
+    def image(self) -> bool:
+        return bool(self.rotate_deg or self.hflip or self.vflip or self.brightness
+                    or self.contrast or self.noise)
 
     @property
     def active(self) -> bool:
-        return bool(self.rotate_deg or self.hflip or self.vflip or self.brightness
-                    or self.contrast or self.noise)
+        return self.image or bool(self.token_dropout)
 
 
 @dataclass

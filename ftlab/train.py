@@ -22,7 +22,7 @@ from ftlab.checkpoint import Checkpoints
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
-from ftlab.data.augment import ImageAugment
+from ftlab.data.augment import ImageAugment, token_dropout
 from ftlab.data.balance import class_weights, oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
@@ -108,11 +108,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
                                      "use another name= / overrides, or delete that dir")
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
-    provenance.write(run_dir, OmegaConf.to_yaml(resolved))
+    meta_model = models.pretrained_meta(cfg.model)
+    provenance.write(run_dir, OmegaConf.to_yaml(resolved),
+                     None if meta_model is None else dataclasses.asdict(meta_model))
     data = prepare(ex, parts, cfg.dataset, cfg.model)
-    if cfg.dataset.augment.active and "image" not in data.parts["train"].arrays:
+    aug = cfg.dataset.augment
+    if aug.image and "image" not in data.parts["train"].arrays:
         raise ConfigError("dataset.augment", "image augmentation is set but dataset "
                                              f"'{cfg.dataset.name}' has no images")
+    if aug.token_dropout and data.special_tokens is None:
+        raise ConfigError("dataset.augment.token_dropout", "needs text tokenized by the "
+                                                           "model's tokenizer")
     metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
     try:
         results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved).fit(meta)
@@ -125,15 +131,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return results
 
 
-def augment_fn(cfg: AugmentConfig):
-    """(key, batch) -> batch with the image augmented on the 0-255 scale; None when off."""
+def augment_fn(cfg: AugmentConfig, special_tokens: dict | None):
+    """(key, batch) -> batch with images augmented (0-255 scale) and/or token dropout;
+    None when augmentation is off."""
     if not cfg.active:
         return None
-    aug = ImageAugment(**dataclasses.asdict(cfg))
+    image = ImageAugment(**{f.name: getattr(cfg, f.name) for f in
+                            dataclasses.fields(ImageAugment)}) if cfg.image else None
 
     def apply(key, batch):
-        img = batch["image"].astype(jnp.float32) / 255.0
-        return {**batch, "image": jnp.clip(aug(key, img), 0.0, 1.0) * 255.0}
+        img_key, tok_key = jax.random.split(key)
+        out = dict(batch)
+        if image is not None:
+            img = batch["image"].astype(jnp.float32) / 255.0
+            out["image"] = jnp.clip(image(img_key, img), 0.0, 1.0) * 255.0
+        if cfg.token_dropout:
+            s = special_tokens
+            out["input_ids"] = token_dropout(tok_key, batch["input_ids"], batch["attention_mask"],
+                                             cfg.token_dropout, s["mask"], s["keep"], s["pad"])
+        return out
 
     return apply
 
@@ -215,7 +231,8 @@ class Trainer:
         stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
         plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
         step_fn = make_train_step(graphdef, tx, self.task, start, self.class_weights,
-                                  augment_fn(self.cfg.dataset.augment))
+                                  augment_fn(self.cfg.dataset.augment,
+                                             self.data.special_tokens))
         while rs.epoch < epochs:
             idx = self._order(train, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
@@ -228,14 +245,15 @@ class Trainer:
                 return True
             nnx.update(model, trainable, stats)
             val_m = evaluate(eval_fn, nnx.state(model), val, t.eval_batch_size,
-                             self.data.num_classes, t.limit_eval_batches)
+                             self.data.class_names, t.limit_eval_batches)
             rs.batch, rs.epoch = 0, rs.epoch + 1
             metrics = {**{f"train/{k}": v for k, v in train_m.items()},
                        **{f"val/{k}": v for k, v in val_m.items()},
                        "phase": rs.phase, "lr_scale": rs.lr_scale}
             self.metric_log.write(rs.step, metrics)
             log.info("step %d %s", rs.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                     if k.startswith("val/")))
+                                                     if k.startswith("val/") and
+                                                     "recall/" not in k))
             value = metrics[t.monitor]
             stop.update(value)
             stopped = t.early_stopping.patience is not None and \
@@ -315,7 +333,7 @@ class Trainer:
         out = {}
         for split in ("val", "test"):
             m = evaluate(eval_fn, nnx.state(model), self.data.parts[split],
-                         t.eval_batch_size, self.data.num_classes, t.limit_eval_batches)
+                         t.eval_batch_size, self.data.class_names, t.limit_eval_batches)
             out.update({f"{split}/{k}": v for k, v in m.items()})
         out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds})
         self.metric_log.summary(out)

@@ -232,3 +232,33 @@ def test_missing_class_in_a_split_is_a_config_error():
         check_classes_present(labels, ["a", "b", "c"], parts)
     assert e.value.key == "dataset.split"
     assert "class 'c' has no samples in split 'val'" in str(e.value)
+
+
+def test_class_weights_reweight_the_loss_as_specified():
+    """Weighted mean cross-entropy: each row counts with its class's weight."""
+    import jax.numpy as jnp
+    from ftlab.step import weighted_xent
+    logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = jnp.asarray([0, 1, 1])
+    per = -jax.nn.log_softmax(logits)[jnp.arange(3), labels]
+    cw = jnp.asarray([1.0, 3.0])
+    got = weighted_xent(logits, labels, jnp.ones(3), 0.0, cw)
+    want = (per[0] * 1 + per[1] * 3 + per[2] * 3) / 7
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(weighted_xent(logits, labels, jnp.ones(3))) == pytest.approx(float(per.mean()))
+
+
+def test_augment_fn_applies_token_dropout_and_image_changes_only_when_set():
+    from ftlab.schema import AugmentConfig
+    from ftlab.train import augment_fn
+    special = {"mask": 103, "keep": (101, 102), "pad": 0}
+    assert augment_fn(AugmentConfig(), special) is None
+    ids = jnp.asarray([[101, 7, 8, 9, 10, 11, 102, 0]] * 4)
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(jnp.int32)}
+    out = augment_fn(AugmentConfig(token_dropout=0.5), special)(jax.random.key(0), batch)
+    changed = out["input_ids"] != ids
+    assert bool(changed.any()) and bool((out["input_ids"][changed] == 103).all())
+    assert bool((out["input_ids"][:, [0, 6, 7]] == ids[:, [0, 6, 7]]).all())  # CLS, SEP, pad
+    img = jnp.tile(jnp.arange(16, dtype=jnp.uint8).reshape(1, 4, 4, 1), (2, 1, 1, 3)) * 16
+    flipped = augment_fn(AugmentConfig(hflip=True), None)(jax.random.key(1), {"image": img})
+    assert flipped["image"].shape == img.shape and float(flipped["image"].max()) <= 255.0

@@ -119,7 +119,7 @@ def test_run_dir_records_provenance(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == results and "test/accuracy" in saved and "test/macro_f1" in saved
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["packages"]["jax"] and "sha" in info["git"]
+    assert info["packages"]["jax"] and "sha" in info["git"] and "pretrained" in info
     rows = (tmp_path / "manifest.csv").read_text().splitlines()
     assert rows[0] == "sample_id,split,label" and len(rows) == 401
     assert {r.split(",")[1] for r in rows[1:]} == {"train", "val", "test"}

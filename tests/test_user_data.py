@@ -42,7 +42,7 @@ def test_folder_dataset_trains_under_smoke(tmp_path):
 
 
 def test_csv_image_table_trains_with_env_and_group_columns(tmp_path):
-    root = make_folder(tmp_path / "imgs")
+    make_folder(tmp_path / "imgs")
     rows = [{"file": f"imgs/{c}/{i:03d}.png", "label": c, "site": ["a", "b"][i % 2],
              "batch": str(i // 2)} for c in ("ok", "scratch") for i in range(16)]
     with open(tmp_path / "data.csv", "w", newline="") as f:

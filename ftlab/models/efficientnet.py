@@ -40,8 +40,26 @@ class LiteSize:
     bn_momentum: float = 0.99  # flax convention: 1 - torch's 0.01
 
 
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's channel scaling: nearest multiple of 8, never 10% below the target."""
+    target = channels * width
+    out = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * target else out
+
+
+def scaled(width: float, depth: float) -> LiteSize:
+    """A Lite variant: stem and top fixed, first and last stage repeats fixed (TF-Lite rule)."""
+    last = len(B0_STAGES) - 1
+    return LiteSize(stages=tuple(
+        dataclasses.replace(st, channels=round_filters(st.channels, width),
+                            repeats=st.repeats if i in (0, last) else math.ceil(st.repeats * depth))
+        for i, st in enumerate(B0_STAGES)))
+
+
 VARIANTS = {
     "lite0": LiteSize(),
+    "lite1": scaled(1.0, 1.1),
+    "lite2": scaled(1.1, 1.2),
     "tiny": LiteSize(stages=(Stage(3, 1, 1, 8, 1), Stage(3, 2, 4, 16, 2), Stage(5, 2, 4, 24, 1)),
                      stem=8, top=32),
 }
