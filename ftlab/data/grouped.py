@@ -12,16 +12,11 @@ import warnings
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from ftlab.data.splits import check_fractions
 from ftlab.schema import ConfigError
 
 SPLITS = ("train", "val", "test")
 MAX_FOLDS = 20
-
-
-def _check_fracs(fracs: tuple[float, float, float]) -> None:
-    if len(fracs) != 3 or min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
-        raise ConfigError("dataset.split", f"train/val/test = {tuple(fracs)}; give three "
-                                           "fractions > 0 that sum to 1")
 
 
 def fold_counts(fracs: tuple[float, float, float], k: int) -> np.ndarray:
@@ -55,7 +50,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray,
       seed: the same seed gives the same split.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
-    _check_fracs(fracs)
+    check_fractions(fracs)
     if labels.shape != groups.shape or labels.ndim != 1:
         raise ValueError(f"labels {labels.shape} and groups {groups.shape} must be equal 1-D")
     n_groups = len(np.unique(groups))

@@ -19,11 +19,15 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(keep)
 
 
+def check_fractions(fracs) -> None:
+    if len(fracs) != 3 or min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
+        raise ConfigError("dataset.split", f"train/val/test = {tuple(fracs)}; give three "
+                                           "fractions > 0 that sum to 1")
+
+
 def split(labels: np.ndarray, cfg: SplitConfig) -> dict[str, np.ndarray]:
     """Sorted index arrays for train / val / test, stratified by label."""
-    fracs = (cfg.train, cfg.val, cfg.test)
-    if min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
-        raise ConfigError("dataset.split", f"train/val/test = {fracs} must be > 0 and sum to 1")
+    check_fractions((cfg.train, cfg.val, cfg.test))
     idx = np.arange(len(labels))
     train, rest = train_test_split(idx, train_size=cfg.train, stratify=labels,
                                    random_state=cfg.seed)
