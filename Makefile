@@ -30,3 +30,4 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/freeze.py
+	$(VENV)/bin/python benchmarks/freeze_vision.py
