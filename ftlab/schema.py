@@ -171,6 +171,21 @@ class LoggerConfig:
 
 
 @dataclass
+class LoraRule:
+    """LoRA on every dense / 1x1 kernel whose '/'-joined MODULE path fully matches `pattern`."""
+    pattern: str = "MISSING"
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+
+
+@dataclass
+class PeftConfig:
+    lora: Dict[str, LoraRule] = field(default_factory=dict)  # empty: no adapters
+    merge: bool = True  # at the end, fold adapters into the kernels and check the merged model
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,6 +195,7 @@ class Config:
     tasks: Dict[str, TaskConfig] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 class ConfigError(ValueError):

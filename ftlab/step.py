@@ -73,6 +73,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig
     def loss_fn(trainable, stats, rest, batch, key):
         # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
         model = nnx.merge(graphdef, trainable, stats, rest, copy=True)
+        # Modules with their own dropout stream (LoRA adapters) get a fresh key each step.
+        nnx.reseed(model, dropout=jax.random.fold_in(key, 2**31 - 1))
         if augment is not None:
             key, aug_key = jax.random.split(key)
             batch = augment(aug_key, batch)

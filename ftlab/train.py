@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import logs, models, optim, param_groups, provenance
+from ftlab import logs, models, optim, param_groups, peft, provenance
 from ftlab.checkpoint import Checkpoints
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
@@ -26,7 +26,7 @@ from ftlab.data.augment import ImageAugment, token_dropout
 from ftlab.data.balance import class_weights, oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
-from ftlab.loop import Monitor, cache_prefix, evaluate, train_epoch
+from ftlab.loop import Monitor, cache_prefix, evaluate, predict, train_epoch
 from ftlab.schema import AugmentConfig, Config, ConfigError, TaskConfig
 from ftlab.models.loading import WEIGHTS
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
@@ -87,6 +87,17 @@ def _check(cfg: Config) -> TaskConfig:
     return _task(cfg)
 
 
+def build_model(cfg: Config, num_classes: int, *, abstract: bool = False):
+    """The model (`abstract`: shapes only, no weights) with cfg.peft's LoRA adapters in place,
+    so param groups, checkpoints and training all see the same param paths."""
+    model = models.abstract(cfg.model, num_classes) if abstract else \
+        models.build(cfg.model, num_classes, cfg.trainer.seed)
+    if cfg.peft.lora:
+        wrapped = peft.apply_lora(model, cfg.peft.lora, seed=cfg.trainer.seed)
+        log.info("LoRA on %s", {k: len(v) for k, v in wrapped.items()})
+    return model
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """Train, keep the best checkpoint, evaluate it on the test split; returns results."""
     run_dir = Path(run_dir)
@@ -96,7 +107,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ex, parts = split.examples, split.parts
     _data_report(cfg, split, run_dir)
     num_classes = len(ex.class_names)
-    abstract = models.abstract(cfg.model, num_classes)  # also checks weights file, head size
+    abstract = build_model(cfg, num_classes, abstract=True)  # checks weights file, head size
     groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
@@ -121,7 +132,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                            "model's tokenizer")
     metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
     try:
-        results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved).fit(meta)
+        results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved,
+                          run_dir).fit(meta)
     finally:
         metric_log.close()
         ckpts.close()
@@ -171,9 +183,11 @@ def _data_report(cfg: Config, split, run_dir: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved):
+    def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved,
+                 run_dir: Path):
         self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
+        self.run_dir = Path(run_dir)
         self.phases = list(cfg.schedule.phases.items())
         self.cache = None  # (stage, train inputs, val inputs) of the always-frozen prefix
         self.starts: list[int] = []  # first trainable stage of each phase
@@ -184,10 +198,9 @@ class Trainer:
 
     def _model(self, meta: dict | None):
         if meta is None:
-            return models.build(self.cfg.model, self.data.num_classes, self.cfg.trainer.seed), \
-                RunState()
+            return build_model(self.cfg, self.data.num_classes), RunState()
         state = RunState(**meta["run_state"])
-        model = models.abstract(self.cfg.model, self.data.num_classes)
+        model = build_model(self.cfg, self.data.num_classes, abstract=True)
         params, _ = self.ckpts.restore_latest(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         return model, state
@@ -335,6 +348,10 @@ class Trainer:
             m = evaluate(eval_fn, nnx.state(model), self.data.parts[split],
                          t.eval_batch_size, self.data.class_names, t.limit_eval_batches)
             out.update({f"{split}/{k}": v for k, v in m.items()})
+        if self.cfg.peft.lora:
+            out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(
+                make_eval_step(nnx.graphdef(m)), nnx.state(m), self.data.parts["test"],
+                t.eval_batch_size, t.limit_eval_batches)))
         out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds})
         self.metric_log.summary(out)
         return out

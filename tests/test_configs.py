@@ -7,9 +7,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conftest import CONF_DIR, compose_cfg
 from ftlab import models, param_groups
+from ftlab.train import build_model
 from ftlab.schema import Config, ConfigError
 
-GROUPS = ["model", "dataset", "schedule", "optimizer", "tasks", "trainer", "logger"]
+GROUPS = ["model", "dataset", "schedule", "optimizer", "tasks", "trainer", "logger", "peft"]
 
 
 def options(group):
@@ -27,7 +28,7 @@ def test_every_group_option_composes(group, option):
 def test_every_experiment_composes_and_its_rules_cover_the_model(experiment, debug):
     cfg = compose_cfg(f"experiment={experiment}", *([f"debug={debug}"] if debug else []))
     assert cfg.name == experiment
-    shapes = models.loading.param_paths(models.abstract(cfg.model, 5))
+    shapes = models.loading.param_paths(build_model(cfg, 5, abstract=True))  # with any LoRA
     groups = param_groups.assign(shapes, cfg.schedule.groups, cfg.schedule.phases)
     assert set(groups.assignment) == set(shapes)
 
