@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class RunState:
     plateau: dict = dataclasses.field(default_factory=dict)
     lr_scale: float = 1.0
     done: bool = False
+    sizes: dict = dataclasses.field(default_factory=dict)  # phase -> trainable / optimizer size
 
 
 def _comparable(cfg: dict) -> dict:
@@ -182,6 +184,14 @@ def _data_report(cfg: Config, split, run_dir: Path) -> None:
     log.warning("leakage: %s", msg)
 
 
+def _sizes(trainable, opt_state, groups) -> dict:
+    """What a phase trains and what its optimizer holds (the price of what it unfreezes)."""
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
+    total = sum(math.prod(s) for s in groups.shapes.values())
+    return {"trainable_params": n, "trainable_fraction": round(n / max(total, 1), 6),
+            "optimizer_state_bytes": sum(int(x.nbytes) for x in jax.tree.leaves(opt_state))}
+
+
 class Trainer:
     def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved,
                  run_dir: Path):
@@ -239,8 +249,9 @@ class Trainer:
             _, opt_state = self.ckpts.restore_latest(nnx.state(model, WEIGHTS),
                                                      jax.eval_shape(lambda: opt_state))
         rs.opt_phase = rs.phase
-        log.info("phase %s: %d epochs x %d steps, training %d tensors from stage %d",
-                 name, epochs, steps_per_epoch, len(paths), start)
+        rs.sizes[name] = _sizes(trainable, opt_state, self.groups)
+        log.info("phase %s: %d epochs x %d steps, training %d tensors from stage %d; %s",
+                 name, epochs, steps_per_epoch, len(paths), start, rs.sizes[name])
         stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
         plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
         step_fn = make_train_step(graphdef, tx, self.task, start, self.class_weights,
@@ -352,6 +363,7 @@ class Trainer:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(
                 make_eval_step(nnx.graphdef(m)), nnx.state(m), self.data.parts["test"],
                 t.eval_batch_size, t.limit_eval_batches)))
-        out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds})
+        out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds,
+                    "phases": rs.sizes})
         self.metric_log.summary(out)
         return out

@@ -157,3 +157,14 @@ def test_batchnorm_statistics_fixed_in_frozen_blocks():
     net(np.random.default_rng(0).normal(3.0, 2.0, (16, 3)).astype(np.float32))
     assert np.array_equal(net.frozen.mean[...], np.zeros(3))  # running stats untouched
     assert not np.array_equal(net.trained.mean[...], np.zeros(3))
+
+
+def test_results_report_trainable_size_and_optimizer_bytes_per_phase(tmp_path):
+    cfg = compose_cfg(*FAST, "trainer.max_epochs_per_phase=1", "trainer.limit_train_batches=1")
+    phases = run(cfg, tmp_path)["phases"]
+    assert list(phases) == ["head", "top", "all"]
+    sizes = [phases[p]["trainable_params"] for p in phases]
+    assert sizes[0] < sizes[1] < sizes[2] and phases["all"]["trainable_fraction"] == 1.0
+    for p in phases:  # two Adam moments per trainable float32 param, plus a few scalars
+        assert 8 * phases[p]["trainable_params"] <= phases[p]["optimizer_state_bytes"] \
+            < 8 * phases[p]["trainable_params"] + 1024
