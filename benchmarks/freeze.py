@@ -20,6 +20,8 @@ import optax
 from flax import nnx
 
 from common import emit, ftlab_step, minilm, time_steps, token_batch
+from ftlab.models.loading import param_paths
+from ftlab.optim import path_str
 from ftlab.schema import TaskConfig
 from ftlab.step import make_train_step, set_modes, split_for_training
 
@@ -29,18 +31,13 @@ HEAD = re.compile(r"head/.*")
 
 def masked_step(model, paths: set[str]):
     """All params differentiated; optax zeroes the frozen ones' updates."""
-    graphdef, params, stats, rest = split_for_training(model, set(models_paths(model)))
+    graphdef, params, stats, rest = split_for_training(model, set(param_paths(model)))
     params, stats = jax.tree.map(jnp.copy, (params, stats))
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: "train" if _path(kp) in paths else "freeze", params)
+        lambda kp, _: "train" if path_str(kp) in paths else "freeze", params)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
         {"train": optax.adamw(1e-4), "freeze": optax.set_to_zero()}, labels))
     return make_train_step(graphdef, tx, TaskConfig()), (params, tx.init(params), stats), rest
-
-
-def _path(kp) -> str:
-    from ftlab.optim import path_str
-    return path_str(kp)
 
 
 def main() -> None:
@@ -51,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     batch = token_batch(args.batch, args.seq)
     model = minilm()
-    all_paths = set(models_paths(model))
+    all_paths = set(param_paths(model))
     sets = {"full": all_paths, "last2": {p for p in all_paths if LAST2.fullmatch(p)},
             "head_only": {p for p in all_paths if HEAD.fullmatch(p)}}
     times = {}
@@ -71,11 +68,6 @@ def main() -> None:
         if name != "full":
             emit(f"freeze/{name}", t / times["full"], "x full step time", "freeze/full_step",
                  seconds=round(t, 4))
-
-
-def models_paths(model):
-    from ftlab.models.loading import param_paths
-    return param_paths(model)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,7 @@ def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
     if sums:
         tot = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
         count = max(float(tot["count"]), 1.0)
-        out = {"loss": float(np.mean([float(s["loss"]) for s in jax.device_get(sums)])),
-               "accuracy": float(tot["correct"]) / count}
+        out = {"loss": float(tot["loss"]) / len(sums), "accuracy": float(tot["correct"]) / count}
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"training loss is {out['loss']} at step {rs.step}; "
                                      "lower the learning rate or enable optimizer.clip_norm")
