@@ -45,15 +45,18 @@ def clusters(n: int, links) -> np.ndarray:
 def duplicate_groups(exact: list[str], near: list[int] | None, max_distance: int,
                      base: np.ndarray | None = None) -> np.ndarray:
     """Group ids that join exact duplicates, near duplicates and members of one `base` group."""
-    first, links = {}, []
-    for i, k in enumerate(exact):
-        links.append((first.setdefault(k, i), i))
+    links = _same_value_links(exact)
     if near is not None and max_distance >= 0:
         links += [(i, j) for i, j, _ in near_pairs(near, max_distance)]
     if base is not None:
-        seen = {}
-        links += [(seen.setdefault(g, i), i) for i, g in enumerate(base)]
+        links += _same_value_links(base)
     return clusters(len(exact), links)
+
+
+def _same_value_links(values) -> list[tuple[int, int]]:
+    """(first index with this value, i) for every i: joins items that share a value."""
+    first = {}
+    return [(first.setdefault(v, i), i) for i, v in enumerate(values)]
 
 
 def leak_report(ex: Examples, parts: dict[str, np.ndarray], exact: list[str],
