@@ -33,6 +33,11 @@ def _shapes(tree) -> dict[str, tuple]:
     return out
 
 
+def _latest_handlers() -> dict:
+    return {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
 class CheckpointMismatch(ValueError):
     pass
 
@@ -48,9 +53,7 @@ class Checkpoints:
             item_handlers={"params": ocp.StandardCheckpointHandler()})
         self.latest = ocp.CheckpointManager(
             directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **sync),
-            item_handlers={"params": ocp.StandardCheckpointHandler(),
-                           "opt": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            item_handlers=_latest_handlers())
 
     def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
         self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
@@ -60,13 +63,6 @@ class Checkpoints:
         self.latest.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
-
-    def latest_meta(self) -> dict | None:
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        return self.latest.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
 
     def _restore(self, mngr, step: int, **targets) -> dict:
         """Restore items against abstract targets; every tree difference is an error."""
@@ -99,3 +95,18 @@ class Checkpoints:
     def close(self) -> None:
         self.best.close()
         self.latest.close()
+
+
+def latest_meta(directory: Path) -> dict | None:
+    """The run state saved in `directory`/latest, or None; reads only, creates nothing."""
+    path = Path(directory).absolute() / "latest"
+    if not path.is_dir():
+        return None
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers=_latest_handlers())
+    try:
+        step = mngr.latest_step()
+        return None if step is None else mngr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()

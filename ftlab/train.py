@@ -19,7 +19,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 from ftlab import logs, models, optim, param_groups, peft, provenance
-from ftlab.checkpoint import Checkpoints
+from ftlab.checkpoint import Checkpoints, latest_meta
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
@@ -105,6 +105,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = _check(cfg)
+    # Before anything is written: a run dir holding another config's run stays untouched.
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    meta = latest_meta(run_dir / "ckpt")
+    if meta is not None and _comparable(meta["config"]) != _comparable(resolved):
+        raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
+                                     "use another name= / overrides, or delete that dir")
     split = load_split(cfg.dataset)
     ex, parts = split.examples, split.parts
     _data_report(cfg, split, run_dir)
@@ -113,13 +119,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
                         cfg.trainer.checkpoint.keep_best)
-    meta = ckpts.latest_meta()
-    if meta is not None and _comparable(meta["config"]) != _comparable(resolved):
-        raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
-                                     "use another name= / overrides, or delete that dir")
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
     meta_model = models.pretrained_meta(cfg.model)
     provenance.write(run_dir, OmegaConf.to_yaml(resolved),

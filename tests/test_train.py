@@ -108,9 +108,11 @@ def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
     run(compose_cfg(*FAST, "trainer.halt_after_steps=3"), tmp_path)
+    saved = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(ConfigError) as e:
         run(compose_cfg(*FAST, "optimizer.weight_decay=0.5"), tmp_path)
     assert e.value.key == "run_dir"
+    assert saved == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
 
 
 def test_run_dir_records_provenance(tmp_path):
