@@ -42,6 +42,23 @@ class CheckpointMismatch(ValueError):
     pass
 
 
+def _restore(mngr, step: int, **targets) -> dict:
+    """Restore items against abstract targets; every tree difference is an error."""
+    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    meta = mngr.item_metadata(step)
+    for name, target in targets.items():
+        want, have = _shapes(target), _shapes(meta[name])
+        diff = sorted(set(want) ^ set(have))
+        diff += [f"{k}: {have[k]} != {want[k]}" for k in want.keys() & have.keys()
+                 if have[k] != want[k]]
+        if diff:
+            raise CheckpointMismatch(
+                f"{mngr.directory}/{step}/{name} does not fit this model "
+                f"({len(diff)} differences, e.g. {', '.join(diff[:5])}); "
+                "it was written by another config: use a new run dir")
+    return mngr.restore(step, args=ocp.args.Composite(**args))
+
+
 class Checkpoints:
     def __init__(self, directory: Path, monitor: str, mode: str, keep_best: int):
         directory = Path(directory).absolute()
@@ -64,33 +81,17 @@ class Checkpoints:
             params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
-    def _restore(self, mngr, step: int, **targets) -> dict:
-        """Restore items against abstract targets; every tree difference is an error."""
-        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
-        meta = mngr.item_metadata(step)
-        for name, target in targets.items():
-            want, have = _shapes(target), _shapes(meta[name])
-            diff = sorted(set(want) ^ set(have))
-            diff += [f"{k}: {have[k]} != {want[k]}" for k in want.keys() & have.keys()
-                     if have[k] != want[k]]
-            if diff:
-                raise CheckpointMismatch(
-                    f"{mngr.directory}/{step}/{name} does not fit this model "
-                    f"({len(diff)} differences, e.g. {', '.join(diff[:5])}); "
-                    "it was written by another config: use a new run dir")
-        return mngr.restore(step, args=ocp.args.Composite(**args))
-
     def restore_latest(self, params_target, opt_target=None) -> tuple[Any, Any]:
         step = self.latest.latest_step()
         targets = {"params": params_target}
         if opt_target is not None:
             targets["opt"] = opt_target
-        out = self._restore(self.latest, step, **targets)
+        out = _restore(self.latest, step, **targets)
         return out["params"], out.get("opt")
 
     def restore_best(self, params_target) -> tuple[int, Any]:
         step = self.best.best_step()
-        return step, self._restore(self.best, step, params=params_target)["params"]
+        return step, _restore(self.best, step, params=params_target)["params"]
 
     def close(self) -> None:
         self.best.close()
@@ -108,5 +109,28 @@ def latest_meta(directory: Path) -> dict | None:
         step = mngr.latest_step()
         return None if step is None else mngr.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+
+
+def restore_params(directory: Path, which: str, target: Any, monitor: str,
+                   mode: str) -> tuple[int, Any]:
+    """(step, params) of a run's `best` (by `monitor`) or `latest` checkpoint; reads only."""
+    if which not in ("best", "latest"):
+        raise CheckpointMismatch(f"checkpoint '{which}' is not one of: best, latest")
+    path = Path(directory).absolute() / which
+    if not path.is_dir():
+        raise CheckpointMismatch(f"{path} does not exist; is this a run dir of ftlab-train?")
+    best = dict(best_fn=lambda m: m[monitor], best_mode=mode) if which == "best" else {}
+    mngr = ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(read_only=True, **best),
+        item_handlers={"params": ocp.StandardCheckpointHandler()} if which == "best"
+        else _latest_handlers())
+    try:
+        step = mngr.best_step() if which == "best" else mngr.latest_step()
+        if step is None:
+            raise CheckpointMismatch(f"{path} holds no checkpoint yet; rerun ftlab-train "
+                                     "with the same overrides to finish the run")
+        return step, _restore(mngr, step, params=target)["params"]
     finally:
         mngr.close()

@@ -11,9 +11,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.schema import Config, ConfigError, from_omegaconf
+from ftlab.schema import Config, ConfigError, EvalAppConfig, from_omegaconf
 
 ConfigStore.instance().store(name="ftlab_config", node=Config)
+ConfigStore.instance().store(name="ftlab_eval_config", node=EvalAppConfig)
 OmegaConf.register_new_resolver("ftlab_dirname", lambda s: s or "default", replace=True)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -28,11 +29,39 @@ def _setup_jax() -> None:
         jax.config.update("jax_compilation_cache_dir", cache)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def train(cfg: DictConfig) -> None:
+def _fail(e: Exception) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _errors() -> tuple:
     from ftlab.checkpoint import CheckpointMismatch
     from ftlab.data.user import DataError
     from ftlab.models.loading import LoadError
+    return ConfigError, DataError, LoadError, CheckpointMismatch
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def evaluate(cfg: DictConfig) -> None:
+    """`ftlab-eval run_dir=runs/<name>/<overrides> [split=test] [dataset=...]`."""
+    from ftlab.runs import evaluate_run
+
+    _setup_jax()
+    try:
+        ev, out = evaluate_run(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    m = ev["metrics"]
+    worst = ev.get("worst_slice")
+    print(f"{ev['split']} ({ev['n']} samples): accuracy {m['accuracy']:.4f}, macro-F1 "
+          f"{m['macro_f1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}"
+          + (f"; worst slice {worst['column']}={worst['value']} "
+             f"(macro-F1 {worst['score']:.4f})" if worst else "")
+          + f"; report: {out / 'report.md'}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def train(cfg: DictConfig) -> None:
     from ftlab.train import run
 
     _setup_jax()
@@ -40,9 +69,8 @@ def train(cfg: DictConfig) -> None:
     try:
         config: Config = from_omegaconf(cfg)
         results = run(config, run_dir)
-    except (ConfigError, DataError, LoadError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except _errors() as e:
+        _fail(e)
     if results.get("halted"):
         print(f"halted at step {results['step']}; rerun the same command to resume ({run_dir})")
         return
@@ -51,3 +79,25 @@ def train(cfg: DictConfig) -> None:
     print(f"{config.name}: test accuracy {results['test/accuracy']:.4f}, "
           f"macro-F1 {results['test/macro_f1']:.4f}; recall per class: {recall} "
           f"(best step {results['best_step']}; {run_dir}/results.json)")
+    worst = results.get("test/worst_slice")
+    if worst:
+        print(f"worst slice: {worst} (macro-F1 {results['test/worst_slice/macro_f1']:.4f}); "
+              f"report: {results['report']}")
+    else:
+        print(f"report: {results['report']}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def lr_find(cfg: DictConfig) -> None:
+    """`ftlab-lr-find experiment=... [lr_find.phase=top2]`: LR range test per param group."""
+    from ftlab.lr_find import Curve, run, summary
+
+    _setup_jax()
+    out_dir = Path(HydraConfig.get().runtime.output_dir) / "lr_find"
+    try:
+        found = run(from_omegaconf(cfg), out_dir)
+    except _errors() as e:
+        _fail(e)
+    print(f"LR range test of phase {found['phase']} ({out_dir}/lr_find.json, lr_find.png):")
+    for name, curve in found["groups"].items():
+        print(summary(name, Curve(**curve)))

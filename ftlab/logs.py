@@ -42,6 +42,13 @@ class MetricLog:
         if self.wandb is not None:
             self.wandb.summary.update(metrics)
 
+    def images(self, directory: Path) -> None:
+        """Log the PNGs of a report directory (wandb only; the files stay in the run dir)."""
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({f"eval/{p.stem}": wandb.Image(str(p))
+                            for p in sorted(Path(directory).glob("*.png"))})
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

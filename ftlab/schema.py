@@ -186,6 +186,41 @@ class PeftConfig:
 
 
 @dataclass
+class CostConfig:
+    """Binary tasks: pick the decision threshold minimising
+    false_negative * FN + false_positive * FP on the val split, and report test at it."""
+    positive: Optional[str] = None  # the positive class (e.g. defective); None: the rarer one
+    false_negative: float = 1.0
+    false_positive: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation report written at the end of training and by `ftlab-eval`."""
+    slices: List[str] = field(default_factory=list)  # columns to slice by, besides dataset.env
+    top_errors: int = 10  # most confident mistakes / least confident correct exported
+    calibration_bins: int = 15
+    baselines: bool = True  # linear probe on pretrained features + a non-deep baseline
+    latency: bool = True
+    latency_batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    latency_iters: int = 30  # timed calls per batch size, after warm-up
+    plots: bool = True
+    cost: CostConfig = field(default_factory=CostConfig)
+
+
+@dataclass
+class LrFindConfig:
+    """LR range test (`ftlab-lr-find`): per param group, LR grows geometrically from
+    min_lr to max_lr over `steps` steps; stops early once the loss diverges."""
+    phase: Optional[str] = None  # whose trainable groups to test; None: the first phase
+    min_lr: float = 1e-7
+    max_lr: float = 1.0
+    steps: int = 100
+    smooth: float = 0.9  # EMA factor on the loss
+    diverge: float = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +231,19 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+
+
+@dataclass
+class EvalAppConfig:
+    """`ftlab-eval`: evaluate a finished run dir on one of its splits or on another dataset."""
+    run_dir: str = "???"
+    split: str = "test"  # train | val | test | all (all: every sample of `dataset`)
+    checkpoint: str = "best"  # best | latest
+    dataset: Optional[DatasetConfig] = None  # None: the run's dataset (and its split)
+    eval: Optional[EvalConfig] = None  # None: the run's eval config
+    out: Optional[str] = None  # None: <run_dir>/eval/<split>[-<dataset name>]
 
 
 class ConfigError(ValueError):
@@ -225,7 +273,7 @@ def from_omegaconf(cfg) -> Config:
     (struct mode already rejects `key=v`; this catches `+key=v` too)."""
     from omegaconf import OmegaConf
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        raise ConfigError(key, f"is required; set it, e.g. `ftlab-train {key}=...`")
+        raise ConfigError(key, f"is required; set it on the command line: {key}=...")
     obj = OmegaConf.to_object(cfg)
     for key, known in _extra_keys(obj):
         raise ConfigError(key, f"unknown key; known keys here: {', '.join(known)}")

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import logs, models, optim, param_groups, peft, provenance
+from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance
 from ftlab.checkpoint import Checkpoints, latest_meta
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
@@ -27,7 +27,8 @@ from ftlab.data.augment import ImageAugment, token_dropout
 from ftlab.data.balance import class_weights, oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
-from ftlab.loop import Monitor, cache_prefix, evaluate, predict, train_epoch
+from ftlab.loop import Monitor, cache_prefix, predict, train_epoch
+from ftlab.loop import evaluate as evaluate_split
 from ftlab.schema import AugmentConfig, Config, ConfigError, TaskConfig
 from ftlab.models.loading import WEIGHTS
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
@@ -74,7 +75,7 @@ def _task(cfg: Config) -> TaskConfig:
     return task
 
 
-def _check(cfg: Config) -> TaskConfig:
+def check_config(cfg: Config) -> TaskConfig:
     """Checks that need no data or weights."""
     optim.validate(cfg.optimizer)
     logs.validate(cfg.logger)
@@ -104,7 +105,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """Train, keep the best checkpoint, evaluate it on the test split; returns results."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = _check(cfg)
+    task = check_config(cfg)
     # Before anything is written: a run dir holding another config's run stays untouched.
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     meta = latest_meta(run_dir / "ckpt")
@@ -113,6 +114,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                      "use another name= / overrides, or delete that dir")
     split = load_split(cfg.dataset)
     ex, parts = split.examples, split.parts
+    evaluate.check(cfg.eval, ex.class_names)
+    evaluate.slice_columns(cfg.eval, cfg.dataset.env, ex.columns)
     _data_report(cfg, split, run_dir)
     num_classes = len(ex.class_names)
     abstract = build_model(cfg, num_classes, abstract=True)  # checks weights file, head size
@@ -133,9 +136,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if aug.token_dropout and data.special_tokens is None:
         raise ConfigError("dataset.augment.token_dropout", "needs text tokenized by the "
                                                            "model's tokenizer")
+    source = evaluate.Source(data, parts, ex.columns, ex.texts)
     metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
     try:
-        results = Trainer(cfg, task, groups, data, ckpts, metric_log, resolved,
+        results = Trainer(cfg, task, groups, source, ckpts, metric_log, resolved,
                           run_dir).fit(meta)
     finally:
         metric_log.close()
@@ -169,6 +173,13 @@ def augment_fn(cfg: AugmentConfig, special_tokens: dict | None):
     return apply
 
 
+def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:
+    """This epoch's sample order: shuffled, or class-balanced by oversampling."""
+    if cfg.dataset.oversample:
+        return oversample_order(train.arrays["label"], cfg.trainer.seed, phase, epoch)
+    return order(len(train), cfg.trainer.seed, phase, epoch)
+
+
 def _data_report(cfg: Config, split, run_dir: Path) -> None:
     """Write the leakage report and data summary; fail on leakage unless told otherwise."""
     ex, d = split.examples, cfg.dataset
@@ -194,9 +205,11 @@ def _sizes(trainable, opt_state, groups) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg, task, groups, data: Prepared, ckpts, metric_log, resolved,
-                 run_dir: Path):
+    def __init__(self, cfg, task, groups, source: evaluate.Source, ckpts, metric_log,
+                 resolved, run_dir: Path):
+        data: Prepared = source.data
         self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
+        self.source = source
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
         self.run_dir = Path(run_dir)
         self.phases = list(cfg.schedule.phases.items())
@@ -269,7 +282,7 @@ class Trainer:
                 log.info("halted at step %d; rerun the same command to resume", rs.step)
                 return True
             nnx.update(model, trainable, stats)
-            val_m = evaluate(eval_fn, nnx.state(model), val, t.eval_batch_size,
+            val_m = evaluate_split(eval_fn, nnx.state(model), val, t.eval_batch_size,
                              self.data.class_names, t.limit_eval_batches)
             rs.batch, rs.epoch = 0, rs.epoch + 1
             metrics = {**{f"train/{k}": v for k, v in train_m.items()},
@@ -305,11 +318,7 @@ class Trainer:
         return False
 
     def _order(self, train, phase: int, epoch: int) -> np.ndarray:
-        """This epoch's sample order: shuffled, or class-balanced by oversampling."""
-        seed = self.cfg.trainer.seed
-        if self.cfg.dataset.oversample:
-            return oversample_order(train.arrays["label"], seed, phase, epoch)
-        return order(len(train), seed, phase, epoch)
+        return epoch_order(self.cfg, train, phase, epoch)
 
     def _inputs(self, model, phase: int):
         """Train and val inputs for phase number `phase`, which starts at stage starts[phase].
@@ -350,21 +359,28 @@ class Trainer:
         self.ckpts.save_latest(rs.step, params, opt_state, meta)
 
     def _finish(self, model, rs: RunState, seconds: float) -> dict:
+        """Restore the best checkpoint; score val; write the test split's full report."""
         t = self.cfg.trainer
         best_step, params = self.ckpts.restore_best(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         set_modes(model, None)
         eval_fn = make_eval_step(nnx.graphdef(model))
-        out = {}
-        for split in ("val", "test"):
-            m = evaluate(eval_fn, nnx.state(model), self.data.parts[split],
-                         t.eval_batch_size, self.data.class_names, t.limit_eval_batches)
-            out.update({f"{split}/{k}": v for k, v in m.items()})
+        m = evaluate_split(eval_fn, nnx.state(model), self.data.parts["val"],
+                           t.eval_batch_size, self.data.class_names, t.limit_eval_batches)
+        out = {f"val/{k}": v for k, v in m.items()}
+        ev = evaluate.evaluate_model(
+            self.cfg, model, self.source, "test", self.run_dir / "eval" / "test",
+            ckpt_dir=self.ckpts.best.directory / str(best_step), env=self.cfg.dataset.env,
+            curves=evaluate.read_curves(self.run_dir),
+            title=f"{self.cfg.name}: test split, best checkpoint (step {best_step})")
+        out.update(evaluate.headline(ev, "test"))
         if self.cfg.peft.lora:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(
                 make_eval_step(nnx.graphdef(m)), nnx.state(m), self.data.parts["test"],
                 t.eval_batch_size, t.limit_eval_batches)))
         out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds,
-                    "phases": rs.sizes})
+                    "phases": rs.sizes, "report": str(self.run_dir / "eval" / "test" /
+                                                       "report.md")})
         self.metric_log.summary(out)
+        self.metric_log.images(self.run_dir / "eval" / "test")
         return out

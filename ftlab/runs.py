@@ -1,0 +1,103 @@
+"""Finished run dirs as inputs: their config, their model at a checkpoint, their split.
+
+`ftlab-eval` (and later the registry) start here; nothing in a run dir is written.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+from omegaconf import OmegaConf
+
+from ftlab import evaluate
+from ftlab.checkpoint import restore_params
+from ftlab.data.prepare import load_split, prepare
+from ftlab.models.loading import WEIGHTS
+from ftlab.schema import Config, ConfigError, EvalAppConfig
+
+
+def load_config(run_dir: Path) -> Config:
+    """The run's resolved config (config.yaml), typed; fails if it is not a run dir."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError("run_dir", f"{run_dir} has no config.yaml; give the directory "
+                                     "ftlab-train printed (runs/<name>/<overrides>)")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
+                                               OmegaConf.load(path)))
+
+
+def load_model(cfg: Config, run_dir: Path, num_classes: int, which: str = "best"):
+    """(model, step): the run's architecture (with its adapters) and checkpointed weights."""
+    from ftlab.train import build_model
+    model = build_model(cfg, num_classes, abstract=True)
+    step, params = restore_params(Path(run_dir) / "ckpt", which, nnx.state(model, WEIGHTS),
+                                  cfg.trainer.monitor, cfg.trainer.monitor_mode)
+    nnx.update(model, params)
+    return model, step
+
+
+def manifest(run_dir: Path) -> dict[str, list[str]]:
+    """split -> sample ids, as the run wrote them."""
+    out: dict[str, list[str]] = {}
+    with open(Path(run_dir) / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(row["split"], []).append(row["sample_id"])
+    return out
+
+
+def _class_names(run_dir: Path) -> list[str] | None:
+    import json
+    path = Path(run_dir) / "data_summary.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("classes")
+
+
+def evaluate_run(app: EvalAppConfig) -> tuple[dict, Path]:
+    """Evaluate a run dir's checkpoint on its own split, or on every sample (`split=all`)
+    or a split of another dataset config with the same classes."""
+    run_dir = Path(app.run_dir)
+    cfg = load_config(run_dir)
+    own = app.dataset is None
+    dcfg = cfg.dataset if own else app.dataset
+    ecfg = app.eval or cfg.eval
+    if app.split not in ("train", "val", "test", "all"):
+        raise ConfigError("split", f"'{app.split}' is not one of: train, val, test, all")
+    if app.checkpoint not in ("best", "latest"):
+        raise ConfigError("checkpoint", f"'{app.checkpoint}' is not one of: best, latest")
+    split = load_split(dcfg)
+    ex = split.examples
+    classes = _class_names(run_dir)
+    if classes is not None and list(classes) != list(ex.class_names):
+        raise ConfigError("dataset", f"classes {ex.class_names} differ from the run's "
+                                     f"{classes}; pick a dataset with the same classes "
+                                     "(dataset.classes / dataset.label)")
+    parts = dict(split.parts)
+    if app.split == "all":
+        parts["all"] = np.arange(len(ex))
+    elif own:
+        saved = manifest(run_dir).get(app.split, [])
+        if list(ex.ids[parts[app.split]]) != saved:
+            raise ConfigError("dataset", f"the {app.split} split no longer matches the "
+                                         f"run's manifest.csv (data or code changed since "
+                                         "training); evaluate with split=all instead")
+    evaluate.check(ecfg, ex.class_names)
+    env = dcfg.env
+    src = evaluate.Source(prepare(ex, parts, dcfg, cfg.model), parts, ex.columns, ex.texts)
+    if not own:  # baselines fit on the run's own train split only
+        src.data.parts.pop("train", None)
+        ecfg = dataclasses.replace(ecfg, baselines=False)
+    model, step = load_model(cfg, run_dir, len(ex.class_names), app.checkpoint)
+    suffix = "" if own else f"-{dcfg.name}"
+    out = Path(app.out) if app.out else run_dir / "eval" / f"{app.split}{suffix}"
+    ev = evaluate.evaluate_model(
+        cfg, model, src, app.split, out, ecfg=ecfg, env=env,
+        ckpt_dir=run_dir / "ckpt" / app.checkpoint / str(step),
+        curves=evaluate.read_curves(run_dir), checkpoint=f"{app.checkpoint} (step {step})",
+        title=f"{cfg.name}: {app.split} split of {dcfg.name}, {app.checkpoint} checkpoint "
+              f"(step {step})")
+    return ev, out
+
