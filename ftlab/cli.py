@@ -22,11 +22,11 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def _setup_jax() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-    import jax
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: INFO per save, read-only notes
+    from ftlab.compiles import enable_persistent_cache
     cache = os.environ.get("FTLAB_JAX_CACHE", os.path.expanduser("~/.cache/ftlab/jax"))
     if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+        enable_persistent_cache(cache)
 
 
 def _fail(e: Exception) -> None:

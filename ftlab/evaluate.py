@@ -138,7 +138,7 @@ def baselines(cfg: Config, src: Source, pred: Predictions, ev: dict) -> dict:
                                              test_x, num_classes=k, seed=cfg.trainer.seed))
     if cfg.model.source is not None:
         model = build_model(dataclasses.replace(cfg, peft=dataclasses.replace(
-            cfg.peft, lora={})), k)  # the pretrained weights, untouched
+            cfg.peft, lora={}, adapters={})), k)  # the pretrained weights, untouched
         bs = cfg.trainer.eval_batch_size
         f = {s: bl.features(model, parts[s], bs) for s in ("train", "val")}
         test_f = bl.features(model, _head(parts[ev["split"]], n), bs)

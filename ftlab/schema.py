@@ -26,6 +26,7 @@ class ModelConfig:
     source: Optional[str] = None  # dir or file with pretrained weights; pkg:// allowed
     tokenizer: Optional[str] = None  # tokenizer.json (dir or file); pkg:// allowed
     pooling: str = "mean"  # mean | cls
+    compute_dtype: str = "float32"  # float32 | bfloat16 (bf16 matmuls, f32 accumulate/params)
     dropout: float = 0.1
     attention_dropout: float = 0.1
     skip: List[str] = field(default_factory=list)  # source tensors deliberately unused
@@ -180,9 +181,19 @@ class LoraRule:
 
 
 @dataclass
+class AdapterRule:
+    """A bottleneck adapter (Houlsby et al. 2019), `y + up(act(down(y)))`, on the output of
+    every dense / 1x1 module whose '/'-joined MODULE path fully matches `pattern`."""
+    pattern: str = "MISSING"
+    size: int = 64  # bottleneck width
+    activation: str = "gelu"  # gelu | relu | tanh
+
+
+@dataclass
 class PeftConfig:
-    lora: Dict[str, LoraRule] = field(default_factory=dict)  # empty: no adapters
-    merge: bool = True  # at the end, fold adapters into the kernels and check the merged model
+    lora: Dict[str, LoraRule] = field(default_factory=dict)  # empty: no LoRA
+    merge: bool = True  # at the end, fold LoRA into the kernels, check and save merged weights
+    adapters: Dict[str, AdapterRule] = field(default_factory=dict)  # never merged (nonlinear)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig
         return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(trainable, opt_state, stats, rest, batch, key):
+    def train_step(trainable, opt_state, stats, rest, batch, key):
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, stats, rest, batch, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -93,7 +93,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig
         return trainable, opt_state, stats, {"loss": loss, "correct": correct,
                                              "count": batch["weight"].sum()}
 
-    return step
+    return train_step
 
 
 def split_for_training(model: nnx.Module, trainable: set[str]):
@@ -109,7 +109,7 @@ def make_eval_step(graphdef, start: int = 0, stop: int | None = None):
     """(state, batch) -> outputs of stages [start, stop); build `graphdef` in eval mode."""
 
     @jax.jit
-    def step(state, batch):
+    def eval_step(state, batch):
         return nnx.merge(graphdef, state).forward(batch, start, stop)
 
-    return step
+    return eval_step

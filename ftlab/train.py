@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance
 from ftlab.checkpoint import Checkpoints, latest_meta
+from ftlab.compiles import CompileLog
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
@@ -31,6 +32,7 @@ from ftlab.loop import Monitor, cache_prefix, predict, train_epoch
 from ftlab.loop import evaluate as evaluate_split
 from ftlab.schema import AugmentConfig, Config, ConfigError, TaskConfig
 from ftlab.models.loading import WEIGHTS
+from ftlab.models.precision import set_compute_dtype
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
                         split_for_training)
 
@@ -65,6 +67,12 @@ def _comparable(cfg: dict) -> dict:
     return cfg
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with keys added to the schema since then at their defaults, so a run
+    made by an older ftlab still resumes."""
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), saved))
+
+
 def _task(cfg: Config) -> TaskConfig:
     if len(cfg.tasks) != 1:
         raise ConfigError("tasks", f"exactly one task is supported for now, got {len(cfg.tasks)}")
@@ -84,20 +92,25 @@ def check_config(cfg: Config) -> TaskConfig:
         raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
     known = {f"val/{m}" for m in ("accuracy", "macro_f1", "loss")}
     if t.monitor not in known:
-        raise ConfigError("trainer.monitor", f"'{t.monitor}' is not one of: {', '.join(sorted(known))}")
+        raise ConfigError("trainer.monitor",
+                          f"'{t.monitor}' is not one of: {', '.join(sorted(known))}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size", "batch sizes must be >= 1")
     return _task(cfg)
 
 
 def build_model(cfg: Config, num_classes: int, *, abstract: bool = False):
-    """The model (`abstract`: shapes only, no weights) with cfg.peft's LoRA adapters in place,
-    so param groups, checkpoints and training all see the same param paths."""
+    """The model (`abstract`: shapes only, no weights) with cfg.peft's LoRA and bottleneck
+    adapters in place, so param groups, checkpoints and training all see the same param paths."""
     model = models.abstract(cfg.model, num_classes) if abstract else \
         models.build(cfg.model, num_classes, cfg.trainer.seed)
     if cfg.peft.lora:
         wrapped = peft.apply_lora(model, cfg.peft.lora, seed=cfg.trainer.seed)
         log.info("LoRA on %s", {k: len(v) for k, v in wrapped.items()})
+    if cfg.peft.adapters:
+        placed = peft.apply_adapters(model, cfg.peft.adapters, seed=cfg.trainer.seed)
+        log.info("bottleneck adapters on %s", {k: len(v) for k, v in placed.items()})
+    set_compute_dtype(model, cfg.model.compute_dtype)
     return model
 
 
@@ -109,7 +122,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     # Before anything is written: a run dir holding another config's run stays untouched.
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     meta = latest_meta(run_dir / "ckpt")
-    if meta is not None and _comparable(meta["config"]) != _comparable(resolved):
+    saved = None if meta is None else _comparable(_with_defaults(meta["config"]))
+    if saved is not None and saved != _comparable(resolved):
         raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
                                      "use another name= / overrides, or delete that dir")
     split = load_split(cfg.dataset)
@@ -210,6 +224,7 @@ class Trainer:
         data: Prepared = source.data
         self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
         self.source = source
+        self.compiles: dict[str, dict] = {}  # phase -> compilations in this process
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
         self.run_dir = Path(run_dir)
         self.phases = list(cfg.schedule.phases.items())
@@ -238,10 +253,23 @@ class Trainer:
         key = jax.random.key(t.seed)
         start = time.perf_counter()
         while not rs.done and rs.phase < len(self.phases):
-            if self._phase(model, rs, key, meta):
+            name = self.phases[rs.phase][0]
+            with CompileLog() as compiles:
+                halted = self._phase(model, rs, key, meta)
+            self.compiles[name] = compiles.summary()
+            log.info("phase %s compiled %d programs in %.1f s (%d from the cache): %s", name,
+                     compiles.count, compiles.seconds, compiles.cache_hits,
+                     dict(compiles.by_function))
+            if halted:
                 return {"halted": True, "step": rs.step}
             meta = None
-        return self._finish(model, rs, time.perf_counter() - start)
+        with CompileLog() as compiles:
+            out = self._finish(model, rs, time.perf_counter() - start)
+        self.compiles["final_evaluation"] = compiles.summary()
+        out["compiles"] = self.compiles
+        self.metric_log.summary({"compiles/count": sum(c["count"] for c in
+                                                       self.compiles.values())})
+        return out
 
     def _phase(self, model, rs: RunState, key, meta) -> bool:
         """Run the rest of phase `rs.phase`; True when halted."""
@@ -374,7 +402,7 @@ class Trainer:
             curves=evaluate.read_curves(self.run_dir),
             title=f"{self.cfg.name}: test split, best checkpoint (step {best_step})")
         out.update(evaluate.headline(ev, "test"))
-        if self.cfg.peft.lora:
+        if self.cfg.peft.lora or self.cfg.peft.adapters:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(
                 make_eval_step(nnx.graphdef(m)), nnx.state(m), self.data.parts["test"],
                 t.eval_batch_size, t.limit_eval_batches)))

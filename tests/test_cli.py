@@ -50,3 +50,22 @@ def test_smoke_run_of_default_minilm_experiment(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0.0 <= results["test/accuracy"] <= 1.0
+
+
+def test_persistent_compilation_cache_serves_a_rerun(tmp_path):
+    """Every program goes to the cache (not only slow ones), so a second process compiles
+    nothing from scratch."""
+    def once(run_dir):
+        env = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": str(tmp_path / "c")}
+        out = subprocess.run([str(BIN), f"hydra.run.dir={run_dir}", "experiment=digits_tiny",
+                              "debug=smoke"], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads((run_dir / "results.json").read_text())["compiles"]
+
+    first, second = once(tmp_path / "a"), once(tmp_path / "b")
+    # The first run compiles almost everything (a program repeated within it may hit).
+    assert sum(c["count"] - c["cache_hits"] for c in first.values()) >= len(first)
+    assert any((tmp_path / "c").iterdir())
+    for phase, c in second.items():
+        assert c["cache_hits"] == c["count"] > 0, phase

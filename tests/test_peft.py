@@ -1,4 +1,6 @@
-"""LoRA adapters: frozen base stays bit-identical, merging is exact, rules fail loudly."""
+"""LoRA and bottleneck adapters: frozen base stays bit-identical, merging is exact, saved
+adapters and merged weights load back, rules fail loudly."""
+import dataclasses
 import json
 import math
 import re
@@ -13,13 +15,17 @@ from ftlab import models, param_groups
 from ftlab.checkpoint import Checkpoints
 from ftlab.models import efficientnet
 from ftlab.models.loading import WEIGHTS, param_paths
-from ftlab.peft import LoRALinear, apply_lora, lora_state, merge_lora
-from ftlab.schema import ConfigError, GroupRule, LoraRule, PhaseConfig, ScheduleConfig
+from ftlab.models.loading import LoadError
+from ftlab.peft import (AdapterLinear, LoRALinear, apply_adapters, apply_lora, export,
+                        load_adapters, load_weights, lora_state, merge_lora)
+from ftlab.schema import (AdapterRule, ConfigError, GroupRule, LoraRule, PhaseConfig,
+                          ScheduleConfig)
 from ftlab.train import build_model, run
 
 FAST = ("experiment=digits_tiny", "dataset.subset=400", "trainer.batch_size=32",
         "trainer.progress=false")
 QV = r"layers/[01]/attention/(query|value)"
+SUBLAYERS = r"layers/\d+/(attention/out|fc2)"
 NOT_LORA = r"(?!.*/lora_[ab]$)"
 
 
@@ -41,10 +47,14 @@ def flat(state) -> dict[str, np.ndarray]:
 
 
 def randomize_adapters(model, seed: int = 0) -> None:
+    """Move LoRA's `lora_b` and the bottleneck adapters' `up` off their zero init."""
     rng = np.random.default_rng(seed)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, LoRALinear):
             m.lora_b[...] = rng.normal(0, 0.5, m.lora_b.shape).astype(np.float32)
+        elif isinstance(m, AdapterLinear):
+            m.adapter.up.kernel[...] = rng.normal(0, 0.5, m.adapter.up.kernel.shape
+                                                  ).astype(np.float32)
 
 
 def tokens_batch(n: int = 4, t: int = 64):
@@ -70,6 +80,7 @@ def test_training_changes_only_adapters_and_head(tmp_path):
     from safetensors.numpy import load_file
     adapters = load_file(str(saved))
     assert sorted(adapters) == sorted(p for p in after if re.search(r"/lora_[ab]$", p))
+    assert set(load_file(str(tmp_path / "merged.safetensors"))) == set(before)
     assert results["merged/test/max_abs_logit_diff"] < 1e-4
     assert results["merged/test/accuracy"] == pytest.approx(results["test/accuracy"], abs=0.01)
     assert json.loads((tmp_path / "results.json").read_text()) == results
@@ -171,3 +182,123 @@ def test_adapter_dropout_mask_changes_every_step():
                      jax.random.key(k))
         losses.add(float(m["loss"]))
     assert len(losses) == 3
+
+
+def test_merged_weights_file_has_the_base_names_and_loads_into_a_plain_model(tmp_path):
+    """Deployment needs no adapter code: merged.safetensors holds exactly the base model's
+    weights (no lora_*), and a plain model loaded from it computes the merged outputs."""
+    cfg = compose_cfg(*FAST)
+    base = models.build(cfg.model, 10, 0)
+    model = models.build(cfg.model, 10, 0)
+    apply_lora(model, {"qv": LoraRule(pattern=QV, rank=4)})
+    randomize_adapters(model)
+    batch = tokens_batch()
+    logits = lambda m: np.asarray(m(batch))
+    out = export(model, cfg.peft, tmp_path, lambda m: (logits(m), np.zeros(4)))
+    from safetensors.numpy import load_file
+    names = set(load_file(str(tmp_path / "merged.safetensors")))
+    assert names == set(param_paths(base, WEIGHTS))
+    assert not any("lora_" in n for n in names)
+    plain = models.abstract(cfg.model, 10)  # no weights of its own
+    load_weights(plain, tmp_path / "merged.safetensors")
+    np.testing.assert_array_equal(logits(plain), logits(merge_lora(nnx.clone(model))))
+    np.testing.assert_allclose(logits(plain), logits(model), atol=1e-5)
+    assert out["merged/test/max_abs_logit_diff"] < 1e-5 and "peft/unmerged" not in out
+
+
+def test_bottleneck_adapters_start_as_identity_after_attention_out_and_fc2():
+    cfg = compose_cfg(*FAST)
+    base = models.build(cfg.model, 10, 0)
+    model = models.build(cfg.model, 10, 0)
+    placed = apply_adapters(model, {"sub": AdapterRule(pattern=SUBLAYERS, size=8)})
+    assert sorted(placed["sub"]) == ["layers/0/attention/out", "layers/0/fc2",
+                                     "layers/1/attention/out", "layers/1/fc2"]
+    batch = tokens_batch()
+    assert np.array_equal(model(batch), base(batch))  # `up` starts at zero
+    shapes, base_shapes = param_paths(model), param_paths(base)
+    assert {p: shapes[p] for p in base_shapes} == base_shapes  # base kept under its paths
+    assert {p: s for p, s in shapes.items() if p.startswith("layers/0/fc2/")} == {
+        "layers/0/fc2/kernel": (64, 32), "layers/0/fc2/bias": (32,),
+        "layers/0/fc2/adapter/down/kernel": (32, 8), "layers/0/fc2/adapter/down/bias": (8,),
+        "layers/0/fc2/adapter/up/kernel": (8, 32), "layers/0/fc2/adapter/up/bias": (32,)}
+    randomize_adapters(model)
+    assert np.abs(np.asarray(model(batch)) - base(batch)).max() > 1e-3
+
+
+def test_adapter_rule_matching_nothing_is_a_config_error():
+    model = models.build(compose_cfg(*FAST).model, 10, 0)
+    with pytest.raises(ConfigError) as e:
+        apply_adapters(model, {"post": AdapterRule(pattern="layers/[01]/attention/output")})
+    assert e.value.key == "peft.adapters.post"
+    assert "matches no Dense/1x1 kernel" in str(e.value) and "layers/*/fc2" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        apply_adapters(model, {"post": AdapterRule(pattern=SUBLAYERS, activation="swish")})
+    assert e.value.key == "peft.adapters.post.activation"
+
+
+def test_adapters_schedule_trains_only_adapters_norms_and_head(tmp_path):
+    cfg = compose_cfg(*FAST, "peft=adapters", "schedule=minilm_adapters",
+                      "peft.adapters.sublayers.size=8", "schedule.phases.train.epochs=1",
+                      "schedule.phases.train.lr=1e-2")
+    results = run(cfg, tmp_path)
+    ckpts = Checkpoints(tmp_path / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode, 1)
+    after = flat(ckpts.restore_latest(nnx.state(build_model(cfg, 10, abstract=True),
+                                                WEIGHTS))[0])
+    ckpts.close()
+    before = flat(nnx.state(models.build(cfg.model, 10, cfg.trainer.seed), nnx.Param))
+    norms = [p for p in before if re.fullmatch(r"(?!head/).*norm/(scale|bias)", p)]
+    frozen = [p for p in before if p not in norms and not p.startswith("head/")]
+    assert len(norms) == 10 and len(frozen) > 20
+    for p in frozen:
+        assert np.array_equal(before[p], after[p]), p
+    assert all(not np.array_equal(before[p], after[p]) for p in norms)
+    adapters = sorted(p for p in after if "/adapter/" in p)
+    assert len(adapters) == 4 * 4
+    assert all(np.abs(after[p]).max() > 0 for p in adapters if "/up/" in p)
+    from safetensors.numpy import load_file
+    assert sorted(load_file(str(tmp_path / "adapters.safetensors"))) == adapters
+    assert sorted(load_file(str(tmp_path / "merged.safetensors"))) == sorted(after)
+    assert not (tmp_path / "lora.safetensors").exists()
+    assert "not merged" in results["peft/unmerged"] and "merged/test/accuracy" not in results
+
+
+def test_lora_and_adapters_compose_save_and_load_back(tmp_path):
+    cfg = compose_cfg(*FAST, "peft=[lora_attention,adapters]", "peft.adapters.sublayers.size=8")
+    base = models.build(cfg.model, 10, 0)
+    model = build_model(cfg, 10)
+    assert sum(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)) == 4
+    assert sum(isinstance(m, AdapterLinear) for _, m in nnx.iter_modules(model)) == 4
+    batch = tokens_batch()
+    assert np.array_equal(model(batch), base(batch))
+    randomize_adapters(model)
+    logits = lambda m: np.asarray(m(batch))
+    out = export(model, cfg.peft, tmp_path, lambda m: (logits(m), np.zeros(4)))
+    assert out["merged/test/max_abs_logit_diff"] < 1e-5 and "peft/unmerged" in out
+    merged = load_weights(build_model(dataclasses.replace(cfg, peft=dataclasses.replace(
+        cfg.peft, lora={})), 10, abstract=True), tmp_path / "merged.safetensors")
+    assert any("/adapter/" in p for p in merged) and not any("lora_" in p for p in merged)
+    fresh = build_model(cfg, 10)
+    loaded = load_adapters(fresh, tmp_path)  # the run dir: both files
+    assert len(loaded) == 4 * 2 + 4 * 4
+    np.testing.assert_array_equal(logits(fresh), logits(model))
+    # A module cannot carry both.
+    with pytest.raises(ConfigError) as e:
+        apply_adapters(model, {"qv": AdapterRule(pattern=QV)})
+    assert e.value.key == "peft.adapters.qv" and "already has LoRA" in str(e.value)
+
+
+def test_load_adapters_is_strict_and_names_every_mismatch(tmp_path):
+    cfg = compose_cfg(*FAST, "peft=[lora_attention,adapters]", "peft.adapters.sublayers.size=8")
+    export(build_model(cfg, 10), dataclasses.replace(cfg.peft, merge=False), tmp_path, None)
+    with pytest.raises(LoadError) as e:  # one file only: the adapters are missing
+        load_adapters(build_model(cfg, 10), tmp_path / "lora.safetensors")
+    assert "'layers/1/fc2/adapter/up/kernel' missing" in str(e.value)
+    other = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, adapters={
+        "mlp": AdapterRule(pattern=r"layers/\d+/fc2", size=4)}))
+    with pytest.raises(LoadError) as e:  # other peft config: shapes and names differ
+        load_adapters(build_model(other, 10), tmp_path)
+    msg = str(e.value)
+    assert "'layers/0/fc2/adapter/down/kernel': shape (32, 8) in the file, (32, 4) in " \
+           "the model" in msg
+    assert "'layers/0/attention/out/adapter/up/bias' is not in the model" in msg
+    assert "\n" not in msg

@@ -98,7 +98,8 @@ def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
     a, b = latest_params(tmp_path / "ref", ref), latest_params(tmp_path / "cut", ref)
     assert all(np.array_equal(a[p], b[p]) for p in a)
     drop = lambda r: {k: v for k, v in r.items()  # timings and where the report went differ
-                      if k not in ("train_seconds", "report") and not k.startswith("latency/")}
+                      if k not in ("train_seconds", "report", "compiles")
+                      and not k.startswith("latency/")}
     assert drop(res_ref) == drop(res_cut)
     lines = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert lines(tmp_path / "ref")[-1] == lines(tmp_path / "cut")[-1]
@@ -171,3 +172,12 @@ def test_results_report_trainable_size_and_optimizer_bytes_per_phase(tmp_path):
     for p in phases:  # two Adam moments per trainable float32 param, plus a few scalars
         assert 8 * phases[p]["trainable_params"] <= phases[p]["optimizer_state_bytes"] \
             < 8 * phases[p]["trainable_params"] + 1024
+
+
+def test_one_train_step_compile_per_phase(tmp_path):
+    results = run(compose_cfg(*FAST), tmp_path)
+    phases = list(compose_cfg(*FAST).schedule.phases)
+    assert set(results["compiles"]) == {*phases, "final_evaluation"}
+    for name in phases:
+        assert results["compiles"][name]["by_function"]["jit(train_step)"] == 1, name
+    assert "jit(train_step)" not in results["compiles"]["final_evaluation"]["by_function"]

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 from flax import nnx
 
-from ftlab.models import bert, bert_weights, efficientnet, efficientnet_weights
+from ftlab.models import bert, bert_weights, efficientnet, efficientnet_weights, precision
 from ftlab.models.loading import Rename, find_file, load_pretrained
 from ftlab.schema import ConfigError, ModelConfig
 
@@ -83,6 +83,7 @@ def validate(cfg: ModelConfig, num_classes: int) -> Arch:
     if cfg.variant not in arch.variants:
         raise ConfigError("model.variant", f"unknown {cfg.arch} variant '{cfg.variant}'; "
                                            f"known: {', '.join(arch.variants)}")
+    precision.validate(cfg.compute_dtype)
     if cfg.pooling not in ("mean", "cls"):
         raise ConfigError("model.pooling", f"'{cfg.pooling}' is not one of: mean, cls")
     if not 0 <= len(cfg.head.hidden) <= 2:

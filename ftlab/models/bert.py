@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftlab.models.dropout import Dropout
 from ftlab.models.heads import ClassifierHead
 
 
@@ -43,7 +44,7 @@ class Embeddings(nnx.Module):
         self.position = nnx.Embed(size.max_positions, size.hidden, rngs=rngs)
         self.token_type = nnx.Embed(size.type_vocab_size, size.hidden, rngs=rngs)
         self.norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, deterministic=True)
+        self.dropout = Dropout(dropout, deterministic=True)
 
     def __call__(self, ids, *, rngs=None):
         positions = jnp.arange(ids.shape[1])[None, :]
@@ -58,7 +59,7 @@ class SelfAttention(nnx.Module):
         self.key = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.value = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.out = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, deterministic=True)
+        self.dropout = Dropout(dropout, deterministic=True)
 
     def __call__(self, x, bias, *, rngs=None):
         b, t, c = x.shape
@@ -82,7 +83,7 @@ class Layer(nnx.Module):
         self.fc1 = nnx.Linear(size.hidden, size.mlp, rngs=rngs)
         self.fc2 = nnx.Linear(size.mlp, size.hidden, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, deterministic=True)
+        self.dropout = Dropout(dropout, deterministic=True)
 
     def __call__(self, x, bias, *, rngs=None):
         x = self.attention_norm(x + self.dropout(self.attention(x, bias, rngs=rngs), rngs=rngs))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftlab.models.heads import ClassifierHead
+from ftlab.models.precision import matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +88,12 @@ class PatchConv(nnx.Module):
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.kernel = nnx.Param(init(rngs.params(), (k, k, cin, cout)))
         self.stride = stride
+        self.compute_dtype = "float32"  # see ftlab.models.precision
 
     def __call__(self, x):
         k, _, cin, cout = self.kernel.shape
         patches = jnp.concatenate(_windows(x, k, self.stride), axis=-1)
-        return patches @ self.kernel[...].reshape(k * k * cin, cout)
+        return matmul(patches, self.kernel[...].reshape(k * k * cin, cout), self.compute_dtype)
 
 
 class Pointwise(nnx.Module):
@@ -100,9 +102,10 @@ class Pointwise(nnx.Module):
     def __init__(self, cin: int, cout: int, rngs: nnx.Rngs):
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.kernel = nnx.Param(init(rngs.params(), (cin, cout)))
+        self.compute_dtype = "float32"  # see ftlab.models.precision
 
     def __call__(self, x):
-        return x @ self.kernel[...]
+        return matmul(x, self.kernel[...], self.compute_dtype)
 
 
 class Depthwise(nnx.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from ftlab.models.dropout import Dropout
+
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "tanh": jax.nn.tanh}
 
 
@@ -15,7 +17,7 @@ class ClassifierHead(nnx.Module):
         self.layers = nnx.List([nnx.Linear(a, b, kernel_init=init, rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:])])
         self.activation = ACTIVATIONS[activation]
-        self.dropout = nnx.Dropout(dropout, deterministic=True)
+        self.dropout = Dropout(dropout, deterministic=True)
 
     def __call__(self, x, *, rngs=None):
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,106 @@
+"""Framework overhead: ftlab's epoch loop (its batching, per-step keys, metric summing and
+jitted step with per-group optimizer) against a bare jitted step written here, on the same
+model, batch size and optimizer (AdamW + global-norm clipping), full fine-tuning.
+
+Run: python benchmarks/overhead.py [--steps 6 --models minilm,lite0]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from common import emit, ftlab_step, image_batch, lite0, minilm, token_batch
+from ftlab.data.batches import ArrayData, batches
+from ftlab.loop import train_epoch
+from ftlab.models.loading import param_paths
+from ftlab.step import set_modes
+from ftlab.train import RunState
+
+
+def bare_step(model):
+    """The step a JAX user writes by hand: whole model trainable, dropout on, BatchNorm on
+    batch statistics (updating its running averages), AdamW after global-norm clipping."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Dropout):
+            m.deterministic = False
+        elif isinstance(m, nnx.BatchNorm):
+            m.use_running_average = False
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    params, stats = jax.tree.map(jax.numpy.copy, (params, stats))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
+
+    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, opt_state, stats, batch, key):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, stats, rest, copy=True)
+            logits = m.forward(batch, rngs=nnx.Rngs(dropout=key))
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return loss.mean(), nnx.state(m, nnx.BatchStat)
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, stats, loss
+
+    set_modes(model, None)
+    return step, params, tx.init(params), stats
+
+
+def run_bare(model, data: ArrayData, batch_size: int, steps: int) -> float:
+    step, params, opt, stats = bare_step(model)
+    key = jax.random.key(0)
+    rows = [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in data.arrays.items()}
+            for i in range(steps + 1)]
+    params, opt, stats, loss = step(params, opt, stats, rows[0], key)  # compile
+    loss.block_until_ready()
+    t = time.perf_counter()
+    for i in range(1, steps + 1):
+        params, opt, stats, loss = step(params, opt, stats, rows[i], jax.random.fold_in(key, i))
+    loss.block_until_ready()
+    return (time.perf_counter() - t) / steps
+
+
+def run_ftlab(model, data: ArrayData, batch_size: int, steps: int) -> float:
+    step, carry, rest = ftlab_step(model, set(param_paths(model)))
+    key, rs = jax.random.key(0), RunState()
+    idx = np.arange(len(data))
+    carry, _, _ = train_epoch(step, carry, rest, batches(data, batch_size, idx, limit=1), key,
+                              rs, 1, None, "warmup", progress=False)  # compile
+    jax.block_until_ready(carry)
+    rs = RunState()
+    t = time.perf_counter()
+    carry, _, _ = train_epoch(step, carry, rest, batches(data, batch_size, idx, start=1,
+                                                          limit=steps + 1),
+                              key, rs, steps, None, "timed", progress=False)
+    jax.block_until_ready(carry)
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default="minilm,lite0")
+    args = ap.parse_args()
+    n = args.batch * (args.steps + 1)
+    cases = []
+    if "minilm" in args.models:
+        cases.append((f"minilm_b{args.batch}_s128", minilm, token_batch(n, 128)))
+    if "lite0" in args.models:
+        cases.append((f"lite0_b{args.batch}_128px", lite0, image_batch(n, 128)))
+    for name, build, arrays in cases:
+        data = ArrayData({k: v for k, v in arrays.items() if k != "weight"})
+        bare = run_bare(build(), data, args.batch, args.steps)
+        ours = run_ftlab(build(), data, args.batch, args.steps)
+        emit(f"overhead/{name}/bare", bare, "s/step")
+        emit(f"overhead/{name}/ftlab", ours, "s/step")
+        emit(f"overhead/{name}/throughput_ratio", bare / ours, "x bare throughput",
+             f"overhead/{name}/bare", goal=">= 0.95")
+
+
+if __name__ == "__main__":
+    main()

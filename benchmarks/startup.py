@@ -1,0 +1,43 @@
+"""Start-up cost: wall time of `ftlab-train ... trainer.halt_after_steps=1` (start, load data
+and weights, compile, one step, save, exit), with an empty and then a warm persistent
+compilation cache (FTLAB_JAX_CACHE), in fresh run dirs.
+
+Run: python benchmarks/startup.py [--args "experiment=bbc_minilm schedule=full"]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import emit
+
+BIN = Path(sys.executable).parent / "ftlab-train"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--args", default="experiment=bbc_minilm schedule=full")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "FTLAB_JAX_CACHE": f"{tmp}/cache", "WANDB_MODE": "disabled"}
+        times = {}
+        for name in ("cold", "warm"):
+            cmd = [str(BIN), *shlex.split(args.args), "trainer.halt_after_steps=1",
+                   "trainer.progress=false", f"hydra.run.dir={tmp}/{name}"]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            times[name] = time.perf_counter() - t
+            emit(f"startup/{name}_cache", times[name], "s to first step (and exit)", None,
+                 args=args.args)
+        emit("startup/warm_vs_cold", times["warm"] / times["cold"], "x cold", "startup/cold_cache",
+             goal="warm <= 15 s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""ftlab against PyTorch eager on the same MiniLM-L6 fine-tune (batch 32, seq 128, AdamW,
+global-norm clipping, dropout 0.1), full and last-2-layers, fp32 and bf16.
+
+Each variant runs in its own process so peak memory (max RSS) is its own. The PyTorch model
+is a plain BERT encoder written in benchmarks/torch_minilm.py (no transformers), random
+weights (speed does not depend on them). torch is a benchmark-only dependency:
+`pip install torch==2.13.0` (see benchmarks/README.md); without it, only ftlab runs.
+
+Run: python benchmarks/vs_torch.py [--steps 5 --batch 32 --seq 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LAST2 = re.compile(r"(head|layers/[45])/.*")
+
+
+def ftlab_variant(variant: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+    import jax
+    from common import ftlab_step, minilm, token_batch
+    from ftlab.models.loading import param_paths
+    from ftlab.models.precision import set_compute_dtype
+    model = minilm()
+    set_compute_dtype(model, dtype)
+    paths = {p for p in param_paths(model) if variant == "full" or LAST2.fullmatch(p)}
+    step, carry, rest = ftlab_step(model, paths)
+    data = token_batch(batch, seq)
+    key = jax.random.key(0)
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        *carry, m = step(*carry, rest, data, jax.random.fold_in(key, i))
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return {"seconds_per_step": sorted(times[2:])[len(times[2:]) // 2]}
+
+
+def child(args) -> None:
+    if args.framework == "ftlab":
+        out = ftlab_variant(args.variant, args.dtype, args.batch, args.seq, args.steps)
+    else:
+        from torch_minilm import run
+        out = run(args.variant, args.dtype, args.batch, args.seq, args.steps)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def spawn(framework: str, variant: str, dtype: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", framework, "--variant", variant, "--dtype",
+           dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
+           str(args.steps)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(json.dumps({"name": f"vs_torch/{framework}/{variant}/{dtype}", "error":
+                      (p.stderr.strip().splitlines() or ["no output"])[-1]}), flush=True)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", choices=("ftlab", "torch"))
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    if args.child:
+        args.framework = args.child
+        return child(args)
+    from common import emit
+    for variant in ("full", "last2"):
+        for dtype in args.dtypes.split(","):
+            res = {fw: spawn(fw, variant, dtype, args) for fw in ("torch", "ftlab")}
+            for fw, r in res.items():
+                if r:
+                    emit(f"vs_torch/{fw}/{variant}/{dtype}", args.batch / r["seconds_per_step"],
+                         "ex/s", None, peak_rss_mb=round(r["peak_rss_mb"]),
+                         seconds_per_step=round(r["seconds_per_step"], 4))
+            if res["torch"] and res["ftlab"]:
+                emit(f"vs_torch/{variant}/{dtype}/throughput_ratio",
+                     res["torch"]["seconds_per_step"] / res["ftlab"]["seconds_per_step"],
+                     "x torch throughput", f"vs_torch/torch/{variant}/{dtype}", goal=">= 1.2")
+
+
+if __name__ == "__main__":
+    main()

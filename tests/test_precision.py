@@ -1,0 +1,69 @@
+"""bf16 compute (model.compute_dtype) and the cheaper dropout: same model, same math within
+bf16 tolerance, params kept in f32, and the bf16 matmuls really in the compiled program."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import compose_cfg
+from ftlab.models import bert, efficientnet
+from ftlab.models.dropout import Dropout
+from ftlab.models.precision import set_compute_dtype
+from ftlab.schema import ConfigError
+from ftlab.train import build_model
+
+RNG = np.random.default_rng(0)
+CASES = {
+    "bert": (lambda: bert.BertClassifier(bert.VARIANTS["tiny"], 3, rngs=nnx.Rngs(0)),
+             {"input_ids": jnp.asarray(RNG.integers(1, 60, (4, 16))),
+              "attention_mask": jnp.ones((4, 16), jnp.int32)}),
+    "efficientnet": (lambda: efficientnet.EfficientNetLite(
+        efficientnet.VARIANTS["tiny"], 3, mean=127.0, std=128.0, rngs=nnx.Rngs(0)),
+        {"image": jnp.asarray(RNG.integers(0, 255, (4, 32, 32, 3)), jnp.uint8)}),
+}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_bf16_compute_matches_fp32_and_keeps_f32_params(arch):
+    build, batch = CASES[arch]
+    ref, low = build(), build()
+    set_compute_dtype(low, "bfloat16")
+    loss = lambda m: (m.forward(batch) ** 2).mean()
+    grad = nnx.jit(nnx.value_and_grad(loss))
+    (la, ga), (lb, gb) = grad(ref), grad(low)
+    assert abs(float(la - lb)) <= 0.02 * abs(float(la)) + 1e-4
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert y.dtype == jnp.float32
+        if float(jnp.linalg.norm(x)) > 1e-6:  # same direction, bf16 rounding aside
+            cos = float(jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y)))
+            assert cos > 0.98, cos
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(low, nnx.Param)))
+    def hlo(m):
+        return jax.jit(lambda s: nnx.merge(nnx.graphdef(m), s).forward(batch)).lower(
+            nnx.state(m)).as_text()
+    # bf16 operands in the program (tensor<4x16x32xbf16>), none in fp32's.
+    assert "xbf16>" in hlo(low) and "xbf16>" not in hlo(ref)
+
+
+def test_compute_dtype_from_config_and_bad_value_named():
+    cfg = compose_cfg("experiment=digits_tiny", "model.compute_dtype=bfloat16")
+    model = build_model(cfg, 10, abstract=True)
+    assert any(getattr(m, "dot_general", None) is not None and
+               m.dot_general.__name__ == "_linear_dot" for _, m in nnx.iter_modules(model))
+    with pytest.raises(ConfigError) as e:
+        build_model(compose_cfg("experiment=digits_tiny", "model.compute_dtype=fp8"), 10)
+    assert e.value.key == "model.compute_dtype"
+
+
+def test_dropout_rate_scale_determinism_and_gradient():
+    d = Dropout(0.1, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    x = jnp.ones((64, 128, 384))
+    y = d(x, rngs=jax.random.key(3))
+    assert abs(float((y > 0).mean()) - 0.9) < 0.002
+    assert float(y.max()) == pytest.approx(1 / 0.9)
+    assert bool((d(x, rngs=jax.random.key(3)) == y).all())
+    assert not bool((d(x, rngs=jax.random.key(4)) == y).all())
+    g = jax.grad(lambda v: d(v, rngs=jax.random.key(3)).sum())(x)
+    assert bool(((g > 0) == (y > 0)).all())
+    assert bool((Dropout(0.1, deterministic=True)(x) == x).all())
