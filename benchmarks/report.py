@@ -16,6 +16,20 @@ MACHINES = {
 }
 
 
+NOTES = """## Reading these numbers
+
+- MFU = FLOPs of the compiled step (XLA cost analysis, elementwise work included) / step
+  time / the peak matmul rate measured in the same run (a 4096³ matmul in that dtype; on the
+  H100 jax's default precision runs fp32 dots as TF32). The 2-core CPU is shared and its
+  speed moves by ±20% between runs; compare ratios within a table, not across tables.
+- Where a goal is not met it is shown as measured: on CPU, full fine-tuning of MiniLM in ftlab
+  is 0.6x PyTorch eager (XLA's CPU matmuls reach ~40% of fp32 peak and the attention's head
+  transposes are copies); last-2 fine-tuning is at parity in fp32 and 1.26x in bf16.
+- "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
+  AdamW after clipping), so it measures the loop and per-group optimizer, not the model.
+"""
+
+
 def load() -> dict[str, dict[str, dict]]:
     """machine -> metric name -> record."""
     out: dict[str, dict[str, dict]] = {}
@@ -98,6 +112,7 @@ def main() -> None:
           "the same run; absolute numbers move with machine load).\n")
     for machine in sorted(res):
         print(section(machine, res[machine]) + "\n")
+    print(NOTES)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,9 @@ def evaluate_model(cfg: Config, model, src: Source, split: str, out_dir: Path, *
                    ecfg: EvalConfig | None = None, ckpt_dir: Path | None = None,
                    env: str | None = None, curves: list[dict] | None = None,
                    title: str = "", checkpoint: str = "best") -> dict:
-    """Evaluate `model` (in inference mode) on `split` of `src` and write the report."""
+    """Evaluate `model` (in inference mode) on `split` of `src` and write the report.
+    `ev["val_metrics"]` holds the per-epoch metric set on val (predicted once, also used to
+    pick the cost-aware threshold)."""
     ecfg = ecfg or cfg.eval
     class_names = src.data.class_names
     check(ecfg, class_names)
@@ -182,6 +184,8 @@ def evaluate_model(cfg: Config, model, src: Source, split: str, out_dir: Path, *
     val = predictions(eval_fn, state, src, "val", slices, bs, limit) \
         if "val" in src.data.parts and split != "val" else None
     ev = {"split": split, "checkpoint": checkpoint, **assess(ecfg, pred, class_names, val)}
+    if val is not None:
+        ev["val_metrics"] = metrics.from_probs(val.probs, val.labels, class_names)
     if ecfg.baselines and "train" in src.data.parts and "val" in src.data.parts:
         ev["baselines"] = baselines(cfg, src, pred, ev)
     if ecfg.latency:

@@ -21,9 +21,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def classification(logits: np.ndarray, labels: np.ndarray,
                    class_names: list[str]) -> dict[str, float]:
     """Accuracy, macro-F1, loss and each class's recall (`recall/<class>`)."""
-    pred = logits.argmax(-1)
+    return from_probs(softmax(logits), labels, class_names)
+
+
+def from_probs(probs: np.ndarray, labels: np.ndarray,
+               class_names: list[str]) -> dict[str, float]:
+    """`classification` from class probabilities."""
+    pred = probs.argmax(-1)
     ids = np.arange(len(class_names))
-    loss = float(-np.log(softmax(logits)[np.arange(len(labels)), labels] + 1e-30).mean())
+    loss = float(-np.log(probs[np.arange(len(labels)), labels] + 1e-30).mean())
     recall = skm.recall_score(labels, pred, labels=ids, average=None, zero_division=0)
     return {"accuracy": float(skm.accuracy_score(labels, pred)),
             "macro_f1": float(skm.f1_score(labels, pred, average="macro", labels=ids,

@@ -78,11 +78,20 @@ def build(cfg: OptimizerConfig, phase: PhaseConfig, steps: int, params: Any,
             parts.append(optax.trace(decay=cfg.momentum))
         else:
             parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-        if cfg.name != "adam" and cfg.weight_decay:
+        # A multiplier tree only where groups differ: a uniform one would cost a pass over
+        # every trainable param per step for nothing.
+        wd = {cfg.weight_decay * m for m in wd_mult.values()}
+        if cfg.name != "adam" and cfg.weight_decay and len(wd) == 1:
+            parts.append(optax.add_decayed_weights(wd.pop()))
+        elif cfg.name != "adam" and cfg.weight_decay:
             parts.append(add_decayed_weights_tree(
                 tree_of(params, {p: cfg.weight_decay * m for p, m in wd_mult.items()})))
-        parts += [optax.scale_by_schedule(lambda n: -schedule(n) * lr_scale),
-                  scale_by_tree(tree_of(params, lr_mult))]
+        lr = set(lr_mult.values())
+        uniform = lr.pop() if len(lr) == 1 else None
+        scale = uniform if uniform is not None else 1.0
+        parts.append(optax.scale_by_schedule(lambda n: -schedule(n) * lr_scale * scale))
+        if uniform is None:
+            parts.append(scale_by_tree(tree_of(params, lr_mult)))
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(make)(lr_scale=jnp.float32(1.0))

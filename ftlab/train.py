@@ -392,15 +392,12 @@ class Trainer:
         best_step, params = self.ckpts.restore_best(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         set_modes(model, None)
-        eval_fn = make_eval_step(nnx.graphdef(model))
-        m = evaluate_split(eval_fn, nnx.state(model), self.data.parts["val"],
-                           t.eval_batch_size, self.data.class_names, t.limit_eval_batches)
-        out = {f"val/{k}": v for k, v in m.items()}
         ev = evaluate.evaluate_model(
             self.cfg, model, self.source, "test", self.run_dir / "eval" / "test",
             ckpt_dir=self.ckpts.best.directory / str(best_step), env=self.cfg.dataset.env,
             curves=evaluate.read_curves(self.run_dir),
             title=f"{self.cfg.name}: test split, best checkpoint (step {best_step})")
+        out = {f"val/{k}": v for k, v in ev["val_metrics"].items()}
         out.update(evaluate.headline(ev, "test"))
         if self.cfg.peft.lora or self.cfg.peft.adapters:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(

@@ -71,3 +71,19 @@ def test_unknown_phase_and_empty_phase_fail():
 def test_param_counts_in_table_add_up():
     g = assign(SHAPES, rules(all=dict(pattern=".*", train_from="head")), {"head": PhaseConfig()})
     assert f"{sum(math.prod(s) for s in SHAPES.values()):,}" in g.table()
+
+
+@pytest.mark.parametrize("mults", [{"a": 1.0, "b": 0.1}, {"a": 0.5, "b": 0.5}])
+def test_group_lr_and_weight_decay_multipliers_reach_the_update(mults):
+    import jax.numpy as jnp
+    from ftlab import optim
+    from ftlab.schema import OptimizerConfig, PhaseConfig
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    grads = {"a": jnp.full(3, 2.0), "b": jnp.full(2, 2.0)}
+    cfg = OptimizerConfig(name="sgd", momentum=0.0, clip_norm=None, weight_decay=0.1)
+    tx = optim.build(cfg, PhaseConfig(lr=0.01, schedule="constant", warmup=0.0), 10, params,
+                     mults, {"a": 1.0, "b": 0.0})
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # SGD: -lr * mult * (grad + wd * wd_mult * param)
+    assert jnp.allclose(updates["a"], -0.01 * mults["a"] * (2.0 + 0.1))
+    assert jnp.allclose(updates["b"], -0.01 * mults["b"] * 2.0)
