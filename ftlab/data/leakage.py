@@ -37,12 +37,20 @@ def content_hash(x: bytes | str | np.ndarray) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
+_PUNCT: dict[int, str] = {}  # code point -> " " for every punctuation char seen so far
+_SEEN: set[str] = set()
+
+
 def normalize_text(s: str) -> str:
     """NFKC, casefold, punctuation to spaces, whitespace collapsed: copies that differ only in
-    case, width, quotes or spacing normalise alike."""
+    case, width, quotes or spacing normalise alike. (str.translate over a table of the
+    punctuation seen so far: a per-character Python loop took 4.5 s on BBC news.)"""
     s = unicodedata.normalize("NFKC", s).casefold()
-    s = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in s)
-    return " ".join(s.split())
+    for ch in set(s) - _SEEN:
+        _SEEN.add(ch)
+        if unicodedata.category(ch).startswith("P"):
+            _PUNCT[ord(ch)] = " "
+    return " ".join(s.translate(_PUNCT).split())
 
 
 def text_key(s: str) -> str:
