@@ -27,7 +27,8 @@ from ftlab.loop import cache_prefix
 from ftlab.schema import Config, ConfigError, LrFindConfig
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
                         split_for_training)
-from ftlab.train import augment_fn, build_model, check_config, epoch_order
+from ftlab.data.augment import augment_fn
+from ftlab.train import build_model, check_config, epoch_order
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
@@ -24,13 +23,13 @@ from ftlab.compiles import CompileLog
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
-from ftlab.data.augment import ImageAugment, token_dropout
+from ftlab.data.augment import augment_fn
 from ftlab.data.balance import class_weights, oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, predict, train_epoch
 from ftlab.loop import evaluate as evaluate_split
-from ftlab.schema import AugmentConfig, Config, ConfigError, TaskConfig
+from ftlab.schema import Config, ConfigError, TaskConfig
 from ftlab.models.loading import WEIGHTS
 from ftlab.models.precision import set_compute_dtype
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
@@ -162,29 +161,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def augment_fn(cfg: AugmentConfig, special_tokens: dict | None):
-    """(key, batch) -> batch with images augmented (0-255 scale) and/or token dropout;
-    None when augmentation is off."""
-    if not cfg.active:
-        return None
-    image = ImageAugment(**{f.name: getattr(cfg, f.name) for f in
-                            dataclasses.fields(ImageAugment)}) if cfg.image else None
-
-    def apply(key, batch):
-        img_key, tok_key = jax.random.split(key)
-        out = dict(batch)
-        if image is not None:
-            img = batch["image"].astype(jnp.float32) / 255.0
-            out["image"] = jnp.clip(image(img_key, img), 0.0, 1.0) * 255.0
-        if cfg.token_dropout:
-            s = special_tokens
-            out["input_ids"] = token_dropout(tok_key, batch["input_ids"], batch["attention_mask"],
-                                             cfg.token_dropout, s["mask"], s["keep"], s["pad"])
-        return out
-
-    return apply
 
 
 def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:

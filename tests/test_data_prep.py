@@ -250,7 +250,7 @@ def test_class_weights_reweight_the_loss_as_specified():
 
 def test_augment_fn_applies_token_dropout_and_image_changes_only_when_set():
     from ftlab.schema import AugmentConfig
-    from ftlab.train import augment_fn
+    from ftlab.data.augment import augment_fn
     special = {"mask": 103, "keep": (101, 102), "pad": 0}
     assert augment_fn(AugmentConfig(), special) is None
     ids = jnp.asarray([[101, 7, 8, 9, 10, 11, 102, 0]] * 4)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
+from ftlab.schema import AugmentConfig
+
 
 def rotate(images: jax.Array, angles_deg: jax.Array) -> jax.Array:
     """Rotate each NHWC image counter-clockwise (as np.rot90) about its centre.
@@ -97,3 +99,26 @@ def token_dropout(key: jax.Array, input_ids: jax.Array, attention_mask: jax.Arra
         eligible &= ~jnp.isin(input_ids, jnp.asarray(keep_ids, input_ids.dtype))
     drop = jax.random.bernoulli(key, rate, input_ids.shape) & eligible
     return jnp.where(drop, jnp.asarray(mask_id, input_ids.dtype), input_ids)
+
+
+def augment_fn(cfg: AugmentConfig, special_tokens: dict | None):
+    """(key, batch) -> batch with images augmented (0-255 scale) and/or token dropout;
+    None when augmentation is off."""
+    if not cfg.active:
+        return None
+    image = ImageAugment(**{f.name: getattr(cfg, f.name) for f in
+                            dataclasses.fields(ImageAugment)}) if cfg.image else None
+
+    def apply(key, batch):
+        img_key, tok_key = jax.random.split(key)
+        out = dict(batch)
+        if image is not None:
+            img = batch["image"].astype(jnp.float32) / 255.0
+            out["image"] = jnp.clip(image(img_key, img), 0.0, 1.0) * 255.0
+        if cfg.token_dropout:
+            s = special_tokens
+            out["input_ids"] = token_dropout(tok_key, batch["input_ids"], batch["attention_mask"],
+                                             cfg.token_dropout, s["mask"], s["keep"], s["pad"])
+        return out
+
+    return apply
