@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from ftlab import analysis, metrics
+from ftlab import analysis, metrics, tasks
 from ftlab.data.batches import ArrayData, batches
 from ftlab.data.prepare import Prepared
 from ftlab.loop import predict
@@ -34,6 +34,9 @@ class Predictions:
     columns: dict[str, np.ndarray]  # slice columns, aligned with rows
     texts: list[str] | None = None
     images: np.ndarray | None = None
+    tasks: list | None = None  # multi-task: every task's spec (ftlab.tasks.Task) ...
+    outputs: dict[str, np.ndarray] | None = None  # ... raw outputs ...
+    targets: dict[str, np.ndarray] | None = None  # ... and targets, by task name
 
 
 @dataclasses.dataclass
@@ -72,15 +75,20 @@ def check(cfg: EvalConfig, class_names: list[str]) -> None:
 
 def predictions(eval_fn, state, src: Source, split: str, slices: list[str], batch_size: int,
                 limit: int | None) -> Predictions:
-    logits, labels = predict(eval_fn, state, src.data.parts[split], batch_size, limit)
+    outs, labels = predict(eval_fn, state, src.data.parts[split], batch_size, limit)
+    specs = src.data.tasks
     n = len(labels)
     rows = src.rows[split][:n]
-    images = src.data.parts[split].arrays.get("image")
+    arrays = src.data.parts[split].arrays
+    images = arrays.get("image")
+    multi = isinstance(outs, dict)
     return Predictions(
-        src.data.ids[split][:n], labels, metrics.softmax(logits),
+        src.data.ids[split][:n], labels, metrics.softmax(tasks.primary(outs, specs)),
         {c: np.asarray(src.columns[c])[rows] for c in slices},
         None if src.texts is None else [src.texts[i] for i in rows],
-        None if images is None else images[:n])
+        None if images is None else images[:n],
+        specs if multi else None, outs if multi else None,
+        {t.name: arrays[t.key][:n] for t in specs} if multi else None)
 
 
 def assess(cfg: EvalConfig, pred: Predictions, class_names: list[str],
@@ -93,6 +101,8 @@ def assess(cfg: EvalConfig, pred: Predictions, class_names: list[str],
     ev["confused_pairs"] = analysis.confused_pairs(ev["confusion"], class_names)
     ev["errors"] = analysis.review(pred.probs, pred.labels, pred.ids, class_names,
                                    cfg.top_errors, pred.texts)
+    if pred.outputs is not None:
+        ev["tasks"] = {t.name: task_report(t, pred) for t in pred.tasks}
     ev["threshold"] = None
     if len(class_names) == 2 and val is not None:
         c = cfg.cost
@@ -102,6 +112,16 @@ def assess(cfg: EvalConfig, pred: Predictions, class_names: list[str],
             val.probs, val.labels, pred.probs, pred.labels, pos, c.false_negative,
             c.false_positive)}
     return ev
+
+
+def task_report(task, pred: Predictions) -> dict:
+    """One task's metrics overall and per slice (the multi-task table of the report)."""
+    out, y = pred.outputs[task.name], pred.targets[task.name]
+    m = tasks.task_metrics(task, out, y)
+    labeled = int((np.isfinite(y) if task.type == "regression" else
+                   (y >= 0).all(-1) if y.ndim > 1 else y >= 0).sum())
+    return {"type": task.type, "n": labeled, "metrics": m,
+            "slices": tasks.slice_metrics(task, out, y, pred.columns)}
 
 
 def baselines(cfg: Config, src: Source, pred: Predictions, ev: dict) -> dict:
@@ -232,6 +252,8 @@ def read_curves(run_dir: Path) -> list[dict] | None:
 def headline(ev: dict, split: str) -> dict:
     """The flat numbers of an evaluation for results.json and the wandb summary."""
     out = {f"{split}/{k}": v for k, v in ev["metrics"].items()}
+    for name, t in (ev.get("tasks") or {}).items():
+        out.update({f"{split}/{name}/{k}": v for k, v in t["metrics"].items()})
     out.update({f"{split}/recall/{c}": m["recall"] for c, m in ev["per_class"].items()})
     w = ev.get("worst_slice")
     if w:

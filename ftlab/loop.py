@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ftlab import metrics
 from ftlab.data.batches import ArrayData, batches
+from ftlab.tasks import Task, primary, task_metrics
 
 
 @dataclasses.dataclass
@@ -56,6 +57,8 @@ def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
         tot = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
         count = max(float(tot["count"]), 1.0)
         out = {"loss": float(tot["loss"]) / len(sums), "accuracy": float(tot["correct"]) / count}
+        out.update({f"{k.split('/', 1)[1]}/loss": float(v) / len(sums) for k, v in tot.items()
+                    if k.startswith("loss/")})  # per task
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"training loss is {out['loss']} at step {rs.step}; "
                                      "lower the learning rate or enable optimizer.clip_norm")
@@ -63,13 +66,14 @@ def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
 
 
 def predict(eval_fn, state, data: ArrayData, batch_size: int, limit: int | None = None):
-    """Outputs and labels of the real (unpadded) rows, in order."""
+    """Outputs (an array, or a dict by task) and labels of the real (unpadded) rows, in
+    order: rows 0..n-1 of `data`."""
     outs, labels = [], []
     for b in batches(data, batch_size, np.arange(len(data)), limit=limit):
         keep = b["weight"] > 0
-        outs.append(np.asarray(eval_fn(state, b))[keep])
+        outs.append(jax.tree.map(lambda o: np.asarray(o)[keep], eval_fn(state, b)))
         labels.append(b["label"][keep])
-    return np.concatenate(outs), np.concatenate(labels)
+    return jax.tree.map(lambda *o: np.concatenate(o), *outs), np.concatenate(labels)
 
 
 def cache_prefix(prefix_fn, state, data: ArrayData, batch_size: int,
@@ -81,7 +85,18 @@ def cache_prefix(prefix_fn, state, data: ArrayData, batch_size: int,
     return ArrayData({**keep, "hidden": hidden})
 
 
-def evaluate(eval_fn, state, data: ArrayData, batch_size: int, class_names: list[str],
+def evaluate(eval_fn, state, data: ArrayData, batch_size: int, tasks: list[Task],
              limit: int | None = None) -> dict[str, float]:
-    logits, labels = predict(eval_fn, state, data, batch_size, limit)
-    return metrics.classification(logits, labels, class_names)
+    """The primary task's metrics (unprefixed) and, with several tasks, every task's under
+    `<task>/`, plus `loss`: the static-weighted sum of task losses."""
+    outs, labels = predict(eval_fn, state, data, batch_size, limit)
+    first = tasks[0]
+    out = metrics.classification(primary(outs, tasks), labels, list(first.classes))
+    if isinstance(outs, dict):
+        total = 0.0
+        for t in tasks:
+            m = task_metrics(t, outs[t.name], data.arrays[t.key][:len(labels)])
+            out.update({f"{t.name}/{k}": v for k, v in m.items()})
+            total += t.weight * m.get("loss", 0.0)
+        out["loss"] = total
+    return out

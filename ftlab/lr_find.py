@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftlab import models, optim, param_groups, plots
-from ftlab.data.balance import class_weights
+from ftlab import models, optim, param_groups, plots, tasks
 from ftlab.data.batches import ArrayData, batches
 from ftlab.data.prepare import load_split, prepare
 from ftlab.loop import cache_prefix
@@ -147,7 +146,8 @@ def range_test(cfg: Config, task, model, paths: set[str], wd_mult: dict[str, flo
                train: ArrayData, start: int, phase: int, special_tokens=None, weights=None):
     """The range test of the params `paths` alone on `train` (inputs of stage `start`), with
     phase number `phase`'s optimizer and batch order; returns the curve and all the model's
-    params after it. `model` itself keeps its weights."""
+    params after it. `model` itself keeps its weights. `task`: the resolved tasks (or one
+    TaskConfig, whose class weights are then `weights`)."""
     graphdef, trainable, stats, rest = split_for_training(model, paths)
     # The step donates these: train copies, so the model keeps its initial weights.
     trainable, stats = jax.tree.map(jnp.copy, (trainable, stats))
@@ -156,7 +156,8 @@ def range_test(cfg: Config, task, model, paths: set[str], wd_mult: dict[str, flo
     tx = optim.build(cfg.optimizer, constant, lf.steps, trainable, dict.fromkeys(paths, 1.0),
                      wd_mult)  # the LR itself comes in as lr_scale, step by step
     step_fn = make_train_step(graphdef, tx, task, start, weights,
-                              augment_fn(cfg.dataset.augment, special_tokens))
+                              augment_fn(cfg.dataset.augment, special_tokens),
+                              scheme=cfg.weighting.scheme)
     curve, (trainable, _, stats) = sweep(
         step_fn, (trainable, tx.init(trainable), stats), rest, _stream(cfg, train, phase),
         np.geomspace(lf.min_lr, lf.max_lr, lf.steps), lf, jax.random.key(cfg.trainer.seed))
@@ -168,21 +169,21 @@ def run(cfg: Config, out_dir: Path) -> dict:
     lr_find.png into `out_dir` and returns what the json holds."""
     out_dir = Path(out_dir)
     validate(cfg.lr_find)
-    task = check_config(cfg)
+    check_config(cfg)
     phase, phase_name = pick_phase(cfg)
     split = load_split(cfg.dataset)
     if not split.leaks.ok:
         log.warning("leakage: %s (no matter for the LR range test, which uses train only)",
                     split.leaks.summary())
-    abstract = build_model(cfg, len(split.examples.class_names), abstract=True)
-    groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
+    specs, _ = tasks.resolve(cfg, split.examples, split.parts)
+    abstract = build_model(cfg, len(split.examples.class_names), abstract=True,
+                           task_specs=specs)
+    groups = param_groups.assign(models.loading.param_paths(abstract), tasks.groups(cfg),
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
-    data = prepare(split.examples, split.parts, cfg.dataset, cfg.model)
-    model = build_model(cfg, data.num_classes)
+    data = prepare(split.examples, split.parts, cfg.dataset, cfg.model, cfg)
+    model = build_model(cfg, data.num_classes, task_specs=data.tasks)
     t, train = cfg.trainer, data.parts["train"]
-    weights = None if cfg.dataset.class_weights == "none" else class_weights(
-        train.arrays["label"], data.num_classes, cfg.dataset.class_weights)
     tested = group_paths(groups, phase)
     cache = t.cache_frozen and not cfg.dataset.augment.active  # inputs must be fixed
     starts = {g: first_trainable_stage(model, p) if cache else 0 for g, p in tested.items()}
@@ -192,8 +193,9 @@ def run(cfg: Config, out_dir: Path) -> dict:
     for g, paths in tested.items():
         log.info("lr_find %s: %d tensors, from stage %d", g, len(paths), starts[g])
         inputs = prefix_inputs(model, shared, base, starts[g], t.eval_batch_size)
-        curves[g], _ = range_test(cfg, task, model, paths, groups.multipliers(paths, "wd_mult"),
-                                  inputs, starts[g], phase, data.special_tokens, weights)
+        curves[g], _ = range_test(cfg, data.tasks, model, paths,
+                                  groups.multipliers(paths, "wd_mult"), inputs, starts[g], phase,
+                                  data.special_tokens)
         log.info("%s", summary(g, curves[g]))
     out = {"phase": phase_name, "groups": {g: dataclasses.asdict(c) for g, c in curves.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)

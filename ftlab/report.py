@@ -95,6 +95,22 @@ def _slices(slices: dict) -> list[str]:
     return ["## Slices", "", *table(["column", "value", *SLICE_COLS], rows)]
 
 
+def _tasks(tasks: dict) -> list[str]:
+    """Every task's metrics, then per slice value (task x environment)."""
+    rows, srows = [], []
+    for name, t in tasks.items():
+        m = {k: v for k, v in t["metrics"].items() if "/" not in k}
+        rows.append([name, t["type"], t["n"], ", ".join(f"{k} {fmt(v)}" for k, v in m.items())])
+        for col, vals in t["slices"].items():
+            for value, sm in vals.items():
+                srows.append([name, f"{col}={value}", sm["n"], ", ".join(
+                    f"{k} {fmt(v)}" for k, v in sm.items() if k != "n")])
+    lines = ["## Tasks", "", *table(["task", "type", "labeled", "metrics"], rows)]
+    if srows:
+        lines += ["", "### Tasks per slice", "", *table(["task", "slice", "n", "metrics"], srows)]
+    return lines
+
+
 def _baselines(baselines: dict) -> list[str]:
     cols: list[str] = []
     for m in baselines.values():
@@ -166,6 +182,8 @@ def write_report(out_dir: Path, ev: dict, images: dict[str, str], title: str) ->
     if ev.get("slices"):
         lines += _slices(ev["slices"])
     lines += _image(images, "slices", "metric per slice")
+    if ev.get("tasks"):
+        lines += _tasks(ev["tasks"])
     sections = (("baselines", _baselines), ("threshold", _threshold), ("cost", _cost))
     for key, render in sections:
         if ev.get(key):

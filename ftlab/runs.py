@@ -7,16 +7,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import evaluate
+from ftlab import evaluate, tasks
 from ftlab.checkpoint import restore_params
 from ftlab.data.prepare import load_split, prepare
 from ftlab.models.loading import WEIGHTS
-from ftlab.schema import Config, ConfigError, EvalAppConfig
+from ftlab.schema import Config, ConfigError, DatasetConfig, EvalAppConfig
 
 
 def load_config(run_dir: Path) -> Config:
@@ -29,10 +30,12 @@ def load_config(run_dir: Path) -> Config:
                                                OmegaConf.load(path)))
 
 
-def load_model(cfg: Config, run_dir: Path, num_classes: int, which: str = "best"):
-    """(model, step): the run's architecture (with its adapters) and checkpointed weights."""
+def load_model(cfg: Config, run_dir: Path, num_classes: int, which: str = "best",
+               task_specs: list | None = None):
+    """(model, step): the run's architecture (with its adapters and, given `task_specs`
+    from `open_split(...).data.tasks`, its task heads) and checkpointed weights."""
     from ftlab.train import build_model
-    model = build_model(cfg, num_classes, abstract=True)
+    model = build_model(cfg, num_classes, abstract=True, task_specs=task_specs)
     step, params = restore_params(Path(run_dir) / "ckpt", which, nnx.state(model, WEIGHTS),
                                   cfg.trainer.monitor, cfg.trainer.monitor_mode)
     nnx.update(model, params)
@@ -56,6 +59,42 @@ def _class_names(run_dir: Path) -> list[str] | None:
     return json.loads(path.read_text()).get("classes")
 
 
+def open_split(cfg: Config, run_dir: Path, dataset: DatasetConfig | None, split: str,
+               keep: Sequence[str] | None = None) -> evaluate.Source:
+    """The run's dataset (or another with the same classes) prepared for the run's model.
+
+    `split` must exist (`all`: every sample); on the run's own data its rows must equal the
+    run's manifest.csv. `keep` limits which splits are prepared (tokenized / resized)."""
+    own = dataset is None
+    dcfg = cfg.dataset if own else dataset
+    data = load_split(dcfg)
+    ex = data.examples
+    classes = _class_names(run_dir)
+    if classes is not None and list(classes) != list(ex.class_names):
+        raise ConfigError("dataset", f"classes {ex.class_names} differ from the run's "
+                                     f"{classes}; pick a dataset with the same classes "
+                                     "(dataset.classes / dataset.label)")
+    parts = dict(data.parts)
+    if split == "all":
+        parts["all"] = np.arange(len(ex))
+    elif split not in parts:
+        raise ConfigError("split", f"'{split}' is not a split of dataset '{dcfg.name}'; "
+                                   f"splits: {', '.join([*parts, 'all'])}")
+    elif own:
+        saved = manifest(run_dir).get(split, [])
+        if list(ex.ids[parts[split]]) != saved:
+            raise ConfigError("dataset", f"the {split} split no longer matches the "
+                                         f"run's manifest.csv (data or code changed since "
+                                         "training); evaluate with split=all instead")
+    if keep is not None:
+        parts = {k: v for k, v in parts.items() if k in keep}
+    fitted = tasks.load(Path(run_dir) / "tasks.json")
+    if fitted is None and "train" not in parts:
+        fitted, _ = tasks.resolve(cfg, ex, data.parts)  # runs made before tasks.json
+    return evaluate.Source(prepare(ex, parts, dcfg, cfg.model, cfg, fitted), parts,
+                           ex.columns, ex.texts)
+
+
 def evaluate_run(app: EvalAppConfig) -> tuple[dict, Path]:
     """Evaluate a run dir's checkpoint on its own split, or on every sample (`split=all`)
     or a split of another dataset config with the same classes."""
@@ -68,29 +107,14 @@ def evaluate_run(app: EvalAppConfig) -> tuple[dict, Path]:
         raise ConfigError("split", f"'{app.split}' is not one of: train, val, test, all")
     if app.checkpoint not in ("best", "latest"):
         raise ConfigError("checkpoint", f"'{app.checkpoint}' is not one of: best, latest")
-    split = load_split(dcfg)
-    ex = split.examples
-    classes = _class_names(run_dir)
-    if classes is not None and list(classes) != list(ex.class_names):
-        raise ConfigError("dataset", f"classes {ex.class_names} differ from the run's "
-                                     f"{classes}; pick a dataset with the same classes "
-                                     "(dataset.classes / dataset.label)")
-    parts = dict(split.parts)
-    if app.split == "all":
-        parts["all"] = np.arange(len(ex))
-    elif own:
-        saved = manifest(run_dir).get(app.split, [])
-        if list(ex.ids[parts[app.split]]) != saved:
-            raise ConfigError("dataset", f"the {app.split} split no longer matches the "
-                                         f"run's manifest.csv (data or code changed since "
-                                         "training); evaluate with split=all instead")
-    evaluate.check(ecfg, ex.class_names)
+    src = open_split(cfg, run_dir, app.dataset, app.split)
+    evaluate.check(ecfg, src.data.class_names)
     env = dcfg.env
-    src = evaluate.Source(prepare(ex, parts, dcfg, cfg.model), parts, ex.columns, ex.texts)
     if not own:  # baselines fit on the run's own train split only
         src.data.parts.pop("train", None)
         ecfg = dataclasses.replace(ecfg, baselines=False)
-    model, step = load_model(cfg, run_dir, len(ex.class_names), app.checkpoint)
+    model, step = load_model(cfg, run_dir, src.data.num_classes, app.checkpoint,
+                             src.data.tasks)
     suffix = "" if own else f"-{dcfg.name}"
     out = Path(app.out) if app.out else run_dir / "eval" / f"{app.split}{suffix}"
     ev = evaluate.evaluate_model(

@@ -82,6 +82,11 @@ class DatasetConfig:
     near_distance: int = 4  # perceptual-hash bits within which images are near duplicates
     class_weights: str = "none"  # none | balanced | sqrt: per-class loss weights
     oversample: bool = False  # resample minority classes up to the majority each epoch
+    # Domain shift: train and val keep only rows whose `env` value is listed; test keeps
+    # every environment (per-env metrics show in- and out-of-distribution), and the other
+    # environments' train/val rows become the unlabeled split `adapt` (test-time adaptation).
+    source_envs: Optional[List[str]] = None
+    balance_envs: bool = False  # each epoch draws every environment equally (oversampling)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -121,10 +126,26 @@ class OptimizerConfig:
 
 @dataclass
 class TaskConfig:
-    type: str = "classification"
-    label: str = "label"
-    weight: float = 1.0
+    """One head on the shared backbone. The first task is the primary one: its label is the
+    dataset's label (`label`), and the evaluation report's slices / errors / baselines are
+    about it. Missing labels (empty, NaN, -1) mask that sample out of this task only."""
+    type: str = "classification"  # classification | regression | multi_label
+    label: str = "label"  # column: `label` = the dataset's label; else a dataset column
+    columns: List[str] = field(default_factory=list)  # multi_label: one 0/1 column per label
+    weight: float = 1.0  # scales this task's loss under every weighting scheme
+    loss: Optional[str] = None  # classification: xent; regression: mse | huber | l1; multi_label: bce
     label_smoothing: float = 0.0
+    hidden: Optional[List[int]] = None  # head hidden sizes; None: model.head.hidden
+
+
+@dataclass
+class WeightingConfig:
+    """How task losses combine: static (sum of weight * loss), uncertainty (Kendall, Gal &
+    Cipolla 2018: learned log-variances in their own param group `loss_weights`, no weight
+    decay) or dwa (Dynamic Weight Averaging, Liu, Johns & Davison 2019)."""
+    scheme: str = "static"  # static | uncertainty | dwa
+    temperature: float = 2.0  # dwa: softmax temperature over loss ratios
+    lr_mult: float = 1.0  # uncertainty: the log-variances' LR multiplier (group loss_weights)
 
 
 @dataclass
@@ -152,6 +173,9 @@ class TrainerConfig:
     eval_batch_size: int = 64
     monitor: str = "val/macro_f1"
     monitor_mode: str = "max"  # max | min
+    # val/combined = sum of weight * metric over these val keys (e.g. per-task macro-F1s);
+    # set monitor: val/combined to select checkpoints and stop early on it.
+    monitor_weights: Dict[str, float] = field(default_factory=dict)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -232,6 +256,27 @@ class LrFindConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Test-time adaptation on unlabeled target inputs (`ftlab-adapt`; after training when
+    `method` is not none). `tent` (Wang et al. 2021) minimises the mean prediction entropy,
+    updating only the params matched by `params` (normalisation scale / bias) with BatchNorm
+    normalising by each batch's statistics; `norm` only re-estimates BatchNorm statistics on
+    the target. Either ends with BatchNorm statistics re-estimated on the target pool."""
+    method: str = "none"  # none | norm | tent
+    # Anchored regex over '/'-joined param paths: BatchNorm (bn, bn0-2) and LayerNorm
+    # (norm, *_norm) scale and bias of ftlab's EfficientNet-Lite and BERT.
+    params: str = r"(.*/)?(bn[0-9]*|norm|[a-z_]+_norm)/(scale|bias)"
+    optimizer: str = "adam"  # adam | sgd (with `momentum`)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    epochs: int = 1  # passes over the target pool ...
+    steps: Optional[int] = None  # ... or exactly this many steps (overrides epochs)
+    batch_size: int = 64  # capped at the pool size; every batch holds real rows only
+    split: str = "adapt"  # the unlabeled target pool; 'adapt' absent: the evaluated split
+    seed: int = 0  # batch order
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,11 +284,13 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 @dataclass
@@ -255,6 +302,74 @@ class EvalAppConfig:
     dataset: Optional[DatasetConfig] = None  # None: the run's dataset (and its split)
     eval: Optional[EvalConfig] = None  # None: the run's eval config
     out: Optional[str] = None  # None: <run_dir>/eval/<split>[-<dataset name>]
+
+
+@dataclass
+class AdaptAppConfig:
+    """`ftlab-adapt`: test-time adaptation of a finished run's model, evaluated next to the
+    source model."""
+    run_dir: str = "???"
+    checkpoint: str = "best"  # best | latest
+    adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(method="tent"))
+    dataset: Optional[DatasetConfig] = None  # None: the run's dataset; else a target dataset
+    split: str = "test"  # the split evaluated (train | val | test | adapt | all)
+    eval: Optional[EvalConfig] = None  # None: the run's eval config
+    out: Optional[str] = None  # None: <run_dir>/adapt[-<dataset name>]; writes <out>/<method>/
+
+
+@dataclass
+class CombineAppConfig:
+    """`ftlab-combine`: an ensemble (`mean` of class probabilities) or routing by
+    environment (`route`: each row scored by the run registered for its `dataset.env`)."""
+    runs: List[str] = field(default_factory=list)  # run dirs (mean; extra members for route)
+    mode: str = "mean"  # mean | route
+    route: Dict[str, str] = field(default_factory=dict)  # env value -> run dir
+    split: str = "test"  # train | val | test | all
+    checkpoint: str = "best"  # best | latest
+    dataset: Optional[DatasetConfig] = None  # None: the runs' own dataset and split
+    eval: Optional[EvalConfig] = None  # None: the first run's eval config
+    out: str = "???"
+
+
+@dataclass
+class QuantRule:
+    """Int8 for the quantizable weights (dense / 1x1 / stem kernels, embedding tables) whose
+    '/'-joined param path fully matches `pattern`."""
+    pattern: str = "MISSING"
+    mode: str = "w8a8"  # w8a8 (int8 weights + activations) | w8 (weights only) | fp32 (excluded)
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware fine-tuning: one phase from the run's checkpoint with fake-quant
+    in the forward pass (straight-through gradients), then converted to int8 like PTQ."""
+    epochs: int = 1  # 0: no QAT
+    lr: float = 1.0e-5
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup: float = 0.1
+    train: Optional[str] = None  # regex over param paths that train; None: the run's last phase's
+
+
+@dataclass
+class QuantizeConfig:
+    """What `ftlab-quantize` quantizes and how. Rules are named like schedule.groups; fp32
+    rules exclude (and win over overlapping rules); unmatched weights stay fp32."""
+    rules: Dict[str, QuantRule] = field(default_factory=dict)
+    activations: str = "dynamic"  # dynamic: per-row scales at run time | static: calibrated
+    calibration_batches: int = 8  # val batches whose mean max |x| sets static scales
+    weight_only: bool = False  # every w8a8 rule becomes w8: 4x smaller, not faster on CPU
+    sensitivity: bool = True  # per layer: val accuracy with only that layer quantized
+    sensitivity_batches: Optional[int] = None  # val batches per layer; None: all of val
+    qat: QatConfig = field(default_factory=QatConfig)
+
+
+@dataclass
+class QuantizeAppConfig:
+    """`ftlab-quantize`: int8 PTQ and QAT models of a finished run, compared with fp32."""
+    run_dir: str = "???"
+    checkpoint: str = "best"  # best | latest
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    out: Optional[str] = None  # None: <run_dir>/quantize (+ a section in eval/test/report.md)
 
 
 class ConfigError(ValueError):

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from ftlab.schema import TaskConfig
+from ftlab.tasks import Task, task_loss, total_loss
 
 
 def trainable_filter(paths: set[str]):
@@ -60,17 +61,30 @@ def weighted_xent(logits, labels, weight, smoothing: float = 0.0, class_weights=
     return (per * weight).sum() / jnp.maximum(weight.sum(), 1e-12)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig,
-                    start: int = 0, class_weights=None, augment=None):
-    """(trainable, opt_state, stats, rest, batch, key) -> (trainable, opt_state, stats, metrics).
+def _task_list(tasks, class_weights) -> list[Task]:
+    if isinstance(tasks, TaskConfig):  # the plain single task on `label`
+        cw = None if class_weights is None else tuple(float(w) for w in class_weights)
+        return [Task("main", "classification", "label", None, "xent", tasks.weight,
+                     tasks.label_smoothing, class_weights=cw)]
+    return list(tasks)
 
-    Only `trainable` is differentiated. `stats` are the BatchNorm statistics (updated in
-    trainable modules, fixed in frozen ones); `rest` is everything else, read only. `start`
-    > 0 runs the model from that stage on cached inputs (`batch["hidden"]`). `augment`,
-    if given, maps (key, batch) -> batch before the forward pass.
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, tasks, start: int = 0,
+                    class_weights=None, augment=None, scheme: str = "static"):
+    """(trainable, opt_state, stats, rest, batch, key[, dyn]) -> (trainable, opt_state, stats,
+    metrics).
+
+    `tasks`: the resolved tasks (`ftlab.tasks.resolve`), or one TaskConfig for the plain
+    single task on `label`. Only `trainable` is differentiated. `stats` are the BatchNorm
+    statistics (updated in trainable modules, fixed in frozen ones); `rest` is everything
+    else, read only. `start` > 0 runs the model from that stage on cached inputs
+    (`batch["hidden"]`). `augment`, if given, maps (key, batch) -> batch before the forward
+    pass. `dyn`: per-task loss weights from the host (DWA), ones if omitted.
     """
+    tasks = _task_list(tasks, class_weights)
+    first = tasks[0]
 
-    def loss_fn(trainable, stats, rest, batch, key):
+    def loss_fn(trainable, stats, rest, batch, key, dyn):
         # copy=True: fresh Variables in this trace, so BatchNorm may update its statistics.
         model = nnx.merge(graphdef, trainable, stats, rest, copy=True)
         # Modules with their own dropout stream (LoRA adapters) get a fresh key each step.
@@ -78,20 +92,29 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: TaskConfig
         if augment is not None:
             key, aug_key = jax.random.split(key)
             batch = augment(aug_key, batch)
-        logits = model.forward(batch, start, rngs=nnx.Rngs(dropout=key))
-        loss = weighted_xent(logits, batch[task.label], batch["weight"], task.label_smoothing,
-                             class_weights)
-        return loss, (logits, nnx.state(model, nnx.BatchStat))
+        outs = model.forward(batch, start, rngs=nnx.Rngs(dropout=key))
+        if not isinstance(outs, dict):
+            outs = {first.name: outs}
+        losses, counts = zip(*(task_loss(t, outs[t.name], batch[t.key], batch["weight"])
+                               for t in tasks))
+        log_var = model.loss_weights.log_var[...] if scheme == "uncertainty" else None
+        loss = total_loss(tasks, scheme, losses, counts, dyn, log_var)
+        return loss, (outs[first.name], losses, nnx.state(model, nnx.BatchStat))
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(trainable, opt_state, stats, rest, batch, key):
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, stats, rest, batch, key)
+    def train_step(trainable, opt_state, stats, rest, batch, key, dyn=None):
+        dyn = jnp.ones(len(tasks), jnp.float32) if dyn is None else dyn
+        (loss, (logits, losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, stats, rest, batch, key, dyn)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        correct = ((logits.argmax(-1) == batch[task.label]) * batch["weight"]).sum()
-        return trainable, opt_state, stats, {"loss": loss, "correct": correct,
-                                             "count": batch["weight"].sum()}
+        y = batch[first.key]
+        seen = batch["weight"] * (y >= 0)
+        m = {"loss": loss, "correct": ((logits.argmax(-1) == y) * seen).sum(),
+             "count": seen.sum()}
+        if len(tasks) > 1 or scheme != "static":
+            m.update({f"loss/{t.name}": l for t, l in zip(tasks, losses)})
+        return trainable, opt_state, stats, m
 
     return train_step
 

@@ -12,24 +12,27 @@ import math
 import time
 from pathlib import Path
 
+from functools import partial
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance
+from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance, tasks
 from ftlab.checkpoint import Checkpoints, latest_meta
 from ftlab.compiles import CompileLog
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
 from ftlab.data.augment import augment_fn
-from ftlab.data.balance import class_weights, oversample_order
+from ftlab.data.balance import oversample_order
 from ftlab.data.summary import data_summary, write_summary
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, predict, train_epoch
 from ftlab.loop import evaluate as evaluate_split
-from ftlab.schema import Config, ConfigError, TaskConfig
+from ftlab.schema import Config, ConfigError
 from ftlab.models.loading import WEIGHTS
 from ftlab.models.precision import set_compute_dtype
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
@@ -53,6 +56,7 @@ class RunState:
     lr_scale: float = 1.0
     done: bool = False
     sizes: dict = dataclasses.field(default_factory=dict)  # phase -> trainable / optimizer size
+    task_losses: list = dataclasses.field(default_factory=list)  # last 2 epochs' (DWA)
 
 
 def _comparable(cfg: dict) -> dict:
@@ -72,37 +76,36 @@ def _with_defaults(saved: dict) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
 
-def _task(cfg: Config) -> TaskConfig:
-    if len(cfg.tasks) != 1:
-        raise ConfigError("tasks", f"exactly one task is supported for now, got {len(cfg.tasks)}")
-    (name, task), = cfg.tasks.items()
-    if task.type != "classification":
-        raise ConfigError(f"tasks.{name}.type", f"'{task.type}' is not supported yet; "
-                                                "use classification")
-    return task
-
-
-def check_config(cfg: Config) -> TaskConfig:
+def check_config(cfg: Config) -> None:
     """Checks that need no data or weights."""
     optim.validate(cfg.optimizer)
     logs.validate(cfg.logger)
+    tasks.validate(cfg)
     t = cfg.trainer
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
-    known = {f"val/{m}" for m in ("accuracy", "macro_f1", "loss")}
+    known = tasks.monitor_keys(cfg)
+    for key in t.monitor_weights:
+        if key not in known - {"val/combined"}:
+            raise ConfigError("trainer.monitor_weights", f"'{key}' is not a val metric; "
+                                                         f"known: {', '.join(sorted(known))}")
     if t.monitor not in known:
         raise ConfigError("trainer.monitor",
                           f"'{t.monitor}' is not one of: {', '.join(sorted(known))}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size", "batch sizes must be >= 1")
-    return _task(cfg)
 
 
-def build_model(cfg: Config, num_classes: int, *, abstract: bool = False):
-    """The model (`abstract`: shapes only, no weights) with cfg.peft's LoRA and bottleneck
-    adapters in place, so param groups, checkpoints and training all see the same param paths."""
+def build_model(cfg: Config, num_classes: int, *, abstract: bool = False,
+                task_specs: list | None = None):
+    """The model (`abstract`: shapes only, no weights) with its task heads and cfg.peft's
+    LoRA and bottleneck adapters in place, so param groups, checkpoints and training all see
+    the same param paths. `task_specs` (tasks.resolve) are needed for multi-task configs;
+    without them the model has the plain single head (enough for backbone features)."""
     model = models.abstract(cfg.model, num_classes) if abstract else \
         models.build(cfg.model, num_classes, cfg.trainer.seed)
+    if task_specs is not None and not tasks.is_single(cfg):
+        tasks.attach(model, cfg, task_specs, cfg.trainer.seed)
     if cfg.peft.lora:
         wrapped = peft.apply_lora(model, cfg.peft.lora, seed=cfg.trainer.seed)
         log.info("LoRA on %s", {k: len(v) for k, v in wrapped.items()})
@@ -117,7 +120,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """Train, keep the best checkpoint, evaluate it on the test split; returns results."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = check_config(cfg)
+    check_config(cfg)
     # Before anything is written: a run dir holding another config's run stays untouched.
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     meta = latest_meta(run_dir / "ckpt")
@@ -131,8 +134,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     evaluate.slice_columns(cfg.eval, cfg.dataset.env, ex.columns)
     _data_report(cfg, split, run_dir)
     num_classes = len(ex.class_names)
-    abstract = build_model(cfg, num_classes, abstract=True)  # checks weights file, head size
-    groups = param_groups.assign(models.loading.param_paths(abstract), cfg.schedule.groups,
+    specs, _ = tasks.resolve(cfg, ex, parts)
+    abstract = build_model(cfg, num_classes, abstract=True, task_specs=specs)  # checks weights
+    groups = param_groups.assign(models.loading.param_paths(abstract), tasks.groups(cfg),
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
     ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
@@ -141,7 +145,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     meta_model = models.pretrained_meta(cfg.model)
     provenance.write(run_dir, OmegaConf.to_yaml(resolved),
                      None if meta_model is None else dataclasses.asdict(meta_model))
-    data = prepare(ex, parts, cfg.dataset, cfg.model)
+    data = prepare(ex, parts, cfg.dataset, cfg.model, cfg)
+    tasks.save(data.tasks, run_dir / "tasks.json")
     aug = cfg.dataset.augment
     if aug.image and "image" not in data.parts["train"].arrays:
         raise ConfigError("dataset.augment", "image augmentation is set but dataset "
@@ -152,8 +157,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     source = evaluate.Source(data, parts, ex.columns, ex.texts)
     metric_log = MetricLog(run_dir, cfg.logger, resolved, cfg.name)
     try:
-        results = Trainer(cfg, task, groups, source, ckpts, metric_log, resolved,
-                          run_dir).fit(meta)
+        results = Trainer(cfg, groups, source, ckpts, metric_log, resolved, run_dir).fit(meta)
     finally:
         metric_log.close()
         ckpts.close()
@@ -164,9 +168,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 
 def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:
-    """This epoch's sample order: shuffled, or class-balanced by oversampling."""
-    if cfg.dataset.oversample:
-        return oversample_order(train.arrays["label"], cfg.trainer.seed, phase, epoch)
+    """This epoch's sample order: shuffled, or balanced by oversampling classes
+    (dataset.oversample), environments (dataset.balance_envs) or both ((env, class) cells)."""
+    d = cfg.dataset
+    if d.oversample or d.balance_envs:
+        label = train.arrays["label"].astype(np.int64)
+        cell = label if d.oversample else np.zeros_like(label)
+        if d.balance_envs:
+            cell = train.arrays["env"].astype(np.int64) * (label.max(initial=0) + 1) + cell
+        return oversample_order(cell, cfg.trainer.seed, phase, epoch)
     return order(len(train), cfg.trainer.seed, phase, epoch)
 
 
@@ -195,10 +205,10 @@ def _sizes(trainable, opt_state, groups) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg, task, groups, source: evaluate.Source, ckpts, metric_log,
+    def __init__(self, cfg, groups, source: evaluate.Source, ckpts, metric_log,
                  resolved, run_dir: Path):
         data: Prepared = source.data
-        self.cfg, self.task, self.groups, self.data = cfg, task, groups, data
+        self.cfg, self.tasks, self.groups, self.data = cfg, data.tasks, groups, data
         self.source = source
         self.compiles: dict[str, dict] = {}  # phase -> compilations in this process
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
@@ -206,16 +216,16 @@ class Trainer:
         self.phases = list(cfg.schedule.phases.items())
         self.cache = None  # (stage, train inputs, val inputs) of the always-frozen prefix
         self.starts: list[int] = []  # first trainable stage of each phase
-        self.class_weights = None if cfg.dataset.class_weights == "none" else class_weights(
-            data.parts["train"].arrays["label"], data.num_classes, cfg.dataset.class_weights)
-        if self.class_weights is not None:
-            log.info("class weights: %s", np.round(self.class_weights, 3).tolist())
+        for t in self.tasks:
+            if t.class_weights is not None:
+                log.info("class weights of %s: %s", t.name, np.round(t.class_weights, 3).tolist())
 
     def _model(self, meta: dict | None):
         if meta is None:
-            return build_model(self.cfg, self.data.num_classes), RunState()
+            return build_model(self.cfg, self.data.num_classes, task_specs=self.tasks), RunState()
         state = RunState(**meta["run_state"])
-        model = build_model(self.cfg, self.data.num_classes, abstract=True)
+        model = build_model(self.cfg, self.data.num_classes, abstract=True,
+                            task_specs=self.tasks)
         params, _ = self.ckpts.restore_latest(nnx.state(model, WEIGHTS))
         nnx.update(model, params)
         return model, state
@@ -272,10 +282,13 @@ class Trainer:
                  name, epochs, steps_per_epoch, len(paths), start, rs.sizes[name])
         stop = Monitor(t.monitor_mode, t.early_stopping.min_delta, **rs.stop)
         plateau = Monitor(t.monitor_mode, 0.0, **rs.plateau)
-        step_fn = make_train_step(graphdef, tx, self.task, start, self.class_weights,
-                                  augment_fn(self.cfg.dataset.augment,
-                                             self.data.special_tokens))
+        train_step = make_train_step(graphdef, tx, self.tasks, start,
+                                     augment=augment_fn(self.cfg.dataset.augment,
+                                                        self.data.special_tokens),
+                                     scheme=self.cfg.weighting.scheme)
         while rs.epoch < epochs:
+            dyn = self._dyn(rs)
+            step_fn = partial(train_step, dyn=dyn)
             idx = self._order(train, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
             (trainable, opt_state, stats), train_m, halted = train_epoch(
@@ -287,11 +300,17 @@ class Trainer:
                 return True
             nnx.update(model, trainable, stats)
             val_m = evaluate_split(eval_fn, nnx.state(model), val, t.eval_batch_size,
-                             self.data.class_names, t.limit_eval_batches)
+                                   self.tasks, t.limit_eval_batches)
             rs.batch, rs.epoch = 0, rs.epoch + 1
             metrics = {**{f"train/{k}": v for k, v in train_m.items()},
                        **{f"val/{k}": v for k, v in val_m.items()},
+                       **self._task_weights(model, dyn),
                        "phase": rs.phase, "lr_scale": rs.lr_scale}
+            if t.monitor_weights:
+                metrics["val/combined"] = sum(w * metrics[k] for k, w in t.monitor_weights.items())
+            if len(self.tasks) > 1:
+                rs.task_losses = [*rs.task_losses[-1:],
+                                  [train_m[f"{x.name}/loss"] for x in self.tasks]]
             self.metric_log.write(rs.step, metrics)
             log.info("step %d %s", rs.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                      if k.startswith("val/") and
@@ -320,6 +339,21 @@ class Trainer:
         rs.done = rs.phase >= len(self.phases)
         self._save_latest(model, (trainable, stats), opt_state, rs)
         return False
+
+    def _dyn(self, rs: RunState):
+        """This epoch's host-side task weights: DWA's from the last two epochs, else ones."""
+        w = self.cfg.weighting
+        n = len(self.tasks)
+        return jnp.asarray(tasks.dwa_weights(rs.task_losses, w.temperature, n)
+                           if w.scheme == "dwa" else np.ones(n, np.float32))
+
+    def _task_weights(self, model, dyn) -> dict:
+        scheme = self.cfg.weighting.scheme
+        if scheme == "static":
+            return {}
+        log_var = model.loss_weights.log_var[...] if scheme == "uncertainty" else None
+        return {f"task_weight/{k}": v for k, v in
+                tasks.effective_weights(self.tasks, scheme, dyn, log_var).items()}
 
     def _order(self, train, phase: int, epoch: int) -> np.ndarray:
         return epoch_order(self.cfg, train, phase, epoch)
@@ -354,6 +388,13 @@ class Trainer:
             val = cache_prefix(mid, state, val, t.eval_batch_size, t.limit_eval_batches)
         return train, val
 
+    def _predict_test(self, model):
+        """(primary task's test logits, labels) of `model`."""
+        t = self.cfg.trainer
+        outs, labels = predict(make_eval_step(nnx.graphdef(model)), nnx.state(model),
+                               self.data.parts["test"], t.eval_batch_size, t.limit_eval_batches)
+        return tasks.primary(outs, self.tasks), labels
+
     def _save_latest(self, model, updates: tuple, opt_state, rs: RunState) -> None:
         """Checkpoint the model (after applying `updates`: states newer than it) and run."""
         if updates:
@@ -376,9 +417,7 @@ class Trainer:
         out = {f"val/{k}": v for k, v in ev["val_metrics"].items()}
         out.update(evaluate.headline(ev, "test"))
         if self.cfg.peft.lora or self.cfg.peft.adapters:
-            out.update(peft.export(model, self.cfg.peft, self.run_dir, lambda m: predict(
-                make_eval_step(nnx.graphdef(m)), nnx.state(m), self.data.parts["test"],
-                t.eval_batch_size, t.limit_eval_batches)))
+            out.update(peft.export(model, self.cfg.peft, self.run_dir, self._predict_test))
         out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds,
                     "phases": rs.sizes, "report": str(self.run_dir / "eval" / "test" /
                                                        "report.md")})

@@ -14,6 +14,7 @@ class Examples:
     texts: list[str] | None = None  # to tokenize with the model's tokenizer
     arrays: dict[str, np.ndarray] | None = None  # ready model inputs (input_ids, image, ...)
     columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other labels
+    column_classes: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # int columns' names
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -22,7 +23,8 @@ class Examples:
         pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}
         return Examples(self.ids[idx], self.labels[idx], self.class_names,
                         texts=None if self.texts is None else [self.texts[i] for i in idx],
-                        arrays=pick(self.arrays), columns=pick(self.columns))
+                        arrays=pick(self.arrays), columns=pick(self.columns),
+                        column_classes=self.column_classes)
 
 
 def resize_square(images: np.ndarray, size: int) -> np.ndarray:

@@ -11,7 +11,8 @@ from ftlab.data.leakage import LeakReport
 from ftlab.data.summary import check_classes_present
 from ftlab.data.batches import ArrayData
 from ftlab.data.tokenize import encode, load_tokenizer
-from ftlab.schema import ConfigError, DatasetConfig, ModelConfig
+from ftlab.schema import Config, ConfigError, DatasetConfig, ModelConfig
+from ftlab.tasks import Task, resolve
 
 
 @dataclasses.dataclass
@@ -20,6 +21,7 @@ class Prepared:
     ids: dict[str, np.ndarray]
     class_names: list[str]
     special_tokens: dict | None = None  # text: mask / pad / keep ids of the tokenizer
+    tasks: list[Task] = dataclasses.field(default_factory=list)  # tasks[0]: the label's
 
     @property
     def num_classes(self) -> int:
@@ -68,7 +70,34 @@ def load_split(cfg: DatasetConfig) -> Split:
         s = cfg.split
         parts = grouped_split(ex.labels, groups, (s.train, s.val, s.test), seed=s.seed)
     check_classes_present(ex.labels, ex.class_names, parts)
-    return Split(ex, parts, duplicates.leak_report(ex, parts, exact, near, cfg.near_distance))
+    leaks = duplicates.leak_report(ex, parts, exact, near, cfg.near_distance)
+    if cfg.source_envs is not None:
+        parts = source_split(ex, parts, cfg)
+    elif cfg.balance_envs and cfg.env is None:
+        raise ConfigError("dataset.balance_envs", "needs dataset.env (the environment column)")
+    return Split(ex, parts, leaks)
+
+
+def source_split(ex: Examples, parts: dict[str, np.ndarray], cfg: DatasetConfig) -> dict:
+    """Train / val restricted to the source environments; test keeps them all; the other
+    environments' train / val rows form the unlabeled `adapt` split (test-time adaptation
+    never sees a test row)."""
+    if cfg.env is None:
+        raise ConfigError("dataset.source_envs", "needs dataset.env (the environment column)")
+    env = np.asarray(ex.columns[cfg.env]).astype(str)
+    known = sorted(set(env))
+    unknown = [e for e in cfg.source_envs if e not in known]
+    if unknown or not cfg.source_envs:
+        raise ConfigError("dataset.source_envs", f"{unknown or 'empty list'}: not values of "
+                                                 f"'{cfg.env}'; its values: {', '.join(known)}")
+    src = np.isin(env, list(cfg.source_envs))
+    out = {s: parts[s][src[parts[s]]] for s in ("train", "val")}
+    check_classes_present(ex.labels, ex.class_names, out)
+    out["test"] = parts["test"]
+    rest = np.sort(np.concatenate([parts[s][~src[parts[s]]] for s in ("train", "val")]))
+    if len(rest):
+        out["adapt"] = rest
+    return out
 
 
 def inputs(ex: Examples, dcfg: DatasetConfig,
@@ -93,8 +122,19 @@ def special_tokens(tok) -> dict:
 
 
 def prepare(ex: Examples, parts: dict[str, np.ndarray], dcfg: DatasetConfig,
-            mcfg: ModelConfig) -> Prepared:
+            mcfg: ModelConfig, cfg: Config | None = None, fitted=None) -> Prepared:
+    """Model inputs, `label` and every task's targets per split (`cfg`: the run's config,
+    for its tasks; None: one classification task on the label; `fitted`: the task specs
+    of a trained run, see tasks.resolve)."""
     arrays, special = inputs(ex, dcfg, mcfg)
     arrays["label"] = ex.labels.astype(np.int32)
+    if cfg is None:
+        tasks = [Task("main", "classification", "label", tuple(ex.class_names), "xent")]
+    else:
+        tasks, targets = resolve(cfg, ex, parts, fitted)
+        arrays.update({k: v for k, v in targets.items() if k != "label"})
+    if dcfg.balance_envs:
+        arrays["env"] = np.unique(np.asarray(ex.columns[dcfg.env]).astype(str),
+                                  return_inverse=True)[1].astype(np.int32)
     return Prepared({k: ArrayData({n: a[idx] for n, a in arrays.items()}) for k, idx in parts.items()},
-                    {k: ex.ids[idx] for k, idx in parts.items()}, ex.class_names, special)
+                    {k: ex.ids[idx] for k, idx in parts.items()}, ex.class_names, special, tasks)

@@ -60,7 +60,8 @@ def elpv(cfg: DatasetConfig) -> Examples:
     columns = {"defect_probability": probs.astype(np.float32), "cell_type": types,
                **{k: f(probs, types) for k, (_, f) in ELPV_LABELS.items() if k != "cell_type"}}
     return Examples(ids, fn(probs, types), names,
-                    arrays={"image": resize_square(images, cfg.image_size)}, columns=columns)
+                    arrays={"image": resize_square(images, cfg.image_size)}, columns=columns,
+                    column_classes={k: c for k, (c, _) in ELPV_LABELS.items()})
 
 
 SOURCES: dict[str, Callable[[DatasetConfig], Examples]] = {

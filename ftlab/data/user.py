@@ -73,11 +73,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _numeric(values: list, name: str, path: Path) -> np.ndarray:
+    """A numeric column as floats (empty cells: NaN, a missing label), else as strings."""
+    empty = [v is None or v == "" for v in values]
     try:
-        arr = np.asarray([float(v) for v in values])
+        arr = np.asarray([np.nan if e else float(v) for v, e in zip(values, empty)])
     except (TypeError, ValueError):
-        return np.asarray([str(v) for v in values])
-    bad = np.flatnonzero(~np.isfinite(arr))
+        return np.asarray(["" if e else str(v) for v, e in zip(values, empty)])
+    bad = np.flatnonzero(~np.isfinite(arr) & ~np.asarray(empty, bool))
     if len(bad):
         raise DataError(f"{path}: column '{name}' has NaN/inf in row(s) "
                         f"{(bad + 2).tolist()[:5]}; fill or drop them")
