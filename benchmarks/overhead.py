@@ -20,7 +20,7 @@ from ftlab.data.batches import ArrayData, batches
 from ftlab.loop import train_epoch
 from ftlab.models.loading import param_paths
 from ftlab.step import set_modes
-from ftlab.train import RunState
+from ftlab.resume import RunState
 
 
 def bare_step(model):

@@ -249,6 +249,27 @@ def read_curves(run_dir: Path) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+HEADLINE = {"classification": "macro_f1", "regression": "mae", "multi_label": "micro_f1"}
+
+
+def summary_table(ev: dict) -> str:
+    """Plain text: each task's headline metric overall and per value of the first slice
+    column (the environment): the table `ftlab-train` prints at the end."""
+    rows_in = ev.get("tasks") or {"label": {"type": "classification", "metrics": ev["metrics"],
+                                            "slices": ev.get("slices") or {}}}
+    first = next(iter(rows_in.values()))
+    col = next(iter(first["slices"]), None)
+    values = sorted(first["slices"][col]) if col else []
+    header = ["task", "metric", "all", *(f"{col}={v}" for v in values)]
+    rows = [header]
+    for name, t in rows_in.items():
+        m = HEADLINE[t["type"]]
+        cells = [t["metrics"].get(m)] + [t["slices"][col].get(v, {}).get(m) for v in values]
+        rows.append([name, m, *("-" if c is None else f"{c:.3f}" for c in cells)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def headline(ev: dict, split: str) -> dict:
     """The flat numbers of an evaluation for results.json and the wandb summary."""
     out = {f"{split}/{k}": v for k, v in ev["metrics"].items()}

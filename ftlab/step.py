@@ -49,18 +49,6 @@ def first_trainable_stage(model: nnx.Module, trainable: set[str]) -> int:
     return 0
 
 
-def weighted_xent(logits, labels, weight, smoothing: float = 0.0, class_weights=None):
-    """Mean cross-entropy over rows weighted by `weight` (0 for padding) and, optionally,
-    by their class's weight (normalised by the total weight, like torch's `weight=`)."""
-    n = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, n), smoothing) if smoothing else \
-        jax.nn.one_hot(labels, n)
-    per = optax.softmax_cross_entropy(logits, targets)
-    if class_weights is not None:
-        weight = weight * jnp.asarray(class_weights)[labels]
-    return (per * weight).sum() / jnp.maximum(weight.sum(), 1e-12)
-
-
 def _task_list(tasks, class_weights) -> list[Task]:
     if isinstance(tasks, TaskConfig):  # the plain single task on `label`
         cw = None if class_weights is None else tuple(float(w) for w in class_weights)

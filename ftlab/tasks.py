@@ -339,7 +339,14 @@ def task_metrics(task: Task, out: np.ndarray, y: np.ndarray) -> dict[str, float]
 
 def slice_metrics(task: Task, out: np.ndarray, y: np.ndarray,
                   columns: dict[str, np.ndarray]) -> dict[str, dict[str, dict]]:
-    """column -> value -> this task's metrics on that value's labeled rows."""
+    """column -> value -> this task's metrics on that value's labeled rows (classification:
+    accuracy / balanced accuracy / macro-F1 over the classes present, as the primary task's
+    slices in `analysis.slice_metrics`)."""
+    if task.type == "classification":
+        from ftlab import analysis
+        m = y >= 0
+        return analysis.slice_metrics(metrics.softmax(out[m]), y[m],
+                                      {k: np.asarray(v)[m] for k, v in columns.items()})
     res = {}
     for name, col in columns.items():
         col = np.asarray(col).astype(str)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance, tasks
 from ftlab.checkpoint import Checkpoints, latest_meta
 from ftlab.compiles import CompileLog
+from ftlab.resume import RunState, check_resumable
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
@@ -40,47 +41,13 @@ from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, 
 
 log = logging.getLogger(__name__)
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("trainer.halt_after_steps", "trainer.progress", "logger")
-
-
-@dataclasses.dataclass
-class RunState:
-    phase: int = 0
-    epoch: int = 0  # within the phase
-    batch: int = 0  # next batch within the epoch
-    step: int = 0  # global optimizer steps
-    opt_phase: int = -1  # phase whose optimizer state the checkpoint holds
-    stop: dict = dataclasses.field(default_factory=dict)  # Monitor states
-    plateau: dict = dataclasses.field(default_factory=dict)
-    lr_scale: float = 1.0
-    done: bool = False
-    sizes: dict = dataclasses.field(default_factory=dict)  # phase -> trainable / optimizer size
-    task_losses: list = dataclasses.field(default_factory=list)  # last 2 epochs' (DWA)
-
-
-def _comparable(cfg: dict) -> dict:
-    cfg = json.loads(json.dumps(cfg))
-    for key in RESUMABLE_KEYS:
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return cfg
-
-
-def _with_defaults(saved: dict) -> dict:
-    """A saved config with keys added to the schema since then at their defaults, so a run
-    made by an older ftlab still resumes."""
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), saved))
-
-
 def check_config(cfg: Config) -> None:
     """Checks that need no data or weights."""
     optim.validate(cfg.optimizer)
     logs.validate(cfg.logger)
     tasks.validate(cfg)
+    from ftlab import adapt
+    adapt.check(cfg.adapt)
     t = cfg.trainer
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
@@ -124,10 +91,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     # Before anything is written: a run dir holding another config's run stays untouched.
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     meta = latest_meta(run_dir / "ckpt")
-    saved = None if meta is None else _comparable(_with_defaults(meta["config"]))
-    if saved is not None and saved != _comparable(resolved):
-        raise ConfigError("run_dir", f"{run_dir} holds a run with a different config; "
-                                     "use another name= / overrides, or delete that dir")
+    check_resumable(meta, resolved, run_dir)
     split = load_split(cfg.dataset)
     ex, parts = split.examples, split.parts
     evaluate.check(cfg.eval, ex.class_names)
@@ -418,6 +382,13 @@ class Trainer:
         out.update(evaluate.headline(ev, "test"))
         if self.cfg.peft.lora or self.cfg.peft.adapters:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, self._predict_test))
+        if self.cfg.adapt.method != "none":
+            from ftlab import adapt
+            res = adapt.run(self.cfg, model, self.source, self.run_dir / "adapt")
+            out.update(res["headline"])
+            out["adapt_table"] = res["table"]
+            log.info("test-time adaptation (%s) on '%s':\n%s", res["method"], res["pool"],
+                     res["table"])
         out.update({"best_step": int(best_step), "steps": rs.step, "train_seconds": seconds,
                     "phases": rs.sizes, "report": str(self.run_dir / "eval" / "test" /
                                                        "report.md")})

@@ -1,4 +1,5 @@
 """Data preparation helpers: grouped splits, leakage, class balance, augmentation, summary."""
+import dataclasses
 import json
 
 import jax
@@ -235,17 +236,20 @@ def test_missing_class_in_a_split_is_a_config_error():
 
 
 def test_class_weights_reweight_the_loss_as_specified():
-    """Weighted mean cross-entropy: each row counts with its class's weight."""
+    """Weighted mean cross-entropy (the train step's task loss): each row counts with its
+    class's weight, normalised by the total weight like torch's `weight=`."""
     import jax.numpy as jnp
-    from ftlab.step import weighted_xent
+    from ftlab.tasks import Task, task_loss
     logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     labels = jnp.asarray([0, 1, 1])
     per = -jax.nn.log_softmax(logits)[jnp.arange(3), labels]
-    cw = jnp.asarray([1.0, 3.0])
-    got = weighted_xent(logits, labels, jnp.ones(3), 0.0, cw)
+    task = Task("t", "classification", "label", ("a", "b"), "xent", class_weights=(1.0, 3.0))
+    got, _ = task_loss(task, logits, labels, jnp.ones(3))
     want = (per[0] * 1 + per[1] * 3 + per[2] * 3) / 7
     assert float(got) == pytest.approx(float(want), rel=1e-6)
-    assert float(weighted_xent(logits, labels, jnp.ones(3))) == pytest.approx(float(per.mean()))
+    plain, _ = task_loss(dataclasses.replace(task, class_weights=None), logits, labels,
+                         jnp.ones(3))
+    assert float(plain) == pytest.approx(float(per.mean()))
 
 
 def test_augment_fn_applies_token_dropout_and_image_changes_only_when_set():
