@@ -77,3 +77,22 @@ def review(probs: np.ndarray, labels: np.ndarray, ids: np.ndarray, class_names: 
 
     return {"confident_mistakes": rows(wrong[np.argsort(-conf[wrong], kind="stable")]),
             "unsure_correct": rows(right[np.argsort(conf[right], kind="stable")])}
+
+
+def compare_table(evals: dict[str, dict], column: str | None) -> str:
+    """Plain-text table of several models on the same rows: accuracy / macro-F1 of each
+    (`evals`: name -> an evaluation with "metrics", "n" and "slices"), overall and per
+    value of `column` (e.g. the environment)."""
+    first = next(iter(evals.values()))
+    values = sorted(first["slices"].get(column, {})) if column else []
+    header = [column or "rows", "n"] + [f"{name} acc / F1" for name in evals]
+
+    def cells(m: dict) -> str:
+        return f"{m['accuracy']:.3f} / {m['macro_f1']:.3f}"
+
+    rows = [header, ["all", str(first["n"])] + [cells(e["metrics"]) for e in evals.values()]]
+    for v in values:
+        rows.append([v, str(first["slices"][column][v]["n"])] +
+                    [cells(e["slices"][column][v]) for e in evals.values()])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

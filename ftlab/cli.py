@@ -11,10 +11,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.schema import Config, ConfigError, EvalAppConfig, from_omegaconf
+from ftlab.schema import (AdaptAppConfig, CombineAppConfig, Config, ConfigError,
+                          EvalAppConfig, QuantizeAppConfig, from_omegaconf)
 
 ConfigStore.instance().store(name="ftlab_config", node=Config)
 ConfigStore.instance().store(name="ftlab_eval_config", node=EvalAppConfig)
+ConfigStore.instance().store(name="ftlab_adapt_config", node=AdaptAppConfig)
+ConfigStore.instance().store(name="ftlab_combine_config", node=CombineAppConfig)
+ConfigStore.instance().store(name="ftlab_quantize_config", node=QuantizeAppConfig)
 OmegaConf.register_new_resolver("ftlab_dirname", lambda s: s or "default", replace=True)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -79,6 +83,14 @@ def train(cfg: DictConfig) -> None:
     print(f"{config.name}: test accuracy {results['test/accuracy']:.4f}, "
           f"macro-F1 {results['test/macro_f1']:.4f}; recall per class: {recall} "
           f"(best step {results['best_step']}; {run_dir}/results.json)")
+    ev_path = Path(results["report"]).parent / "eval.json"
+    if ev_path.exists():
+        import json
+        from ftlab.evaluate import summary_table
+        print(summary_table(json.loads(ev_path.read_text())))
+    if results.get("adapt_table"):
+        print(f"test-time adaptation ({config.adapt.method}), test split:\n"
+              f"{results['adapt_table']}")
     worst = results.get("test/worst_slice")
     if worst:
         print(f"worst slice: {worst} (macro-F1 {results['test/worst_slice/macro_f1']:.4f}); "
@@ -101,3 +113,57 @@ def lr_find(cfg: DictConfig) -> None:
     print(f"LR range test of phase {found['phase']} ({out_dir}/lr_find.json, lr_find.png):")
     for name, curve in found["groups"].items():
         print(summary(name, Curve(**curve)))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="adapt")
+def adapt(cfg: DictConfig) -> None:
+    """`ftlab-adapt run_dir=runs/<name>/<overrides> [adapt.method=tent adapt.lr=1e-3]`."""
+    from ftlab.adapt import run_app
+
+    _setup_jax()
+    try:
+        res = run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    done = res["adapt"][res["method"]]
+    print(f"{res['split']} split, source vs test-time adaptation ({res['method']}: "
+          f"{done['steps']} steps on the inputs of '{res['pool']}', mean entropy "
+          f"{done['entropy_before']:.4f} -> {done['entropy_after']:.4f}); accuracy / macro-F1:")
+    print(res["table"])
+    print(f"report: {res['out']}/report.md")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="combine")
+def combine(cfg: DictConfig) -> None:
+    """`ftlab-combine runs=[dir1,dir2] out=DIR` (mean) or `mode=route +route.<env>=dir ...`."""
+    from ftlab.combine import combine_runs
+
+    _setup_jax()
+    try:
+        res = combine_runs(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    ev = res["eval"]
+    print(f"{ev['mode']} of {len(res['members'])} runs, {ev['split']} split ({ev['n']} "
+          "samples); accuracy / macro-F1:")
+    print(res["table"])
+    print(f"report: {res['out']}/report.md")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="quantize")
+def quantize(cfg: DictConfig) -> None:
+    """`ftlab-quantize run_dir=runs/<name>/<overrides> [quantize.qat.epochs=0 ...]`."""
+    from ftlab.quantize_report import run
+
+    _setup_jax()
+    try:
+        res, out = run(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(f"{res['name']}: int8 on {res['hardware']} (test, n={res['n_test']}):")
+    for name, r in res["table"].items():
+        lat = ", ".join(f"b{b} p50 {m['p50_ms']:.1f} ms" for b, m in r["latency"].items())
+        print(f"  {name}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+              f"{r['disk_bytes'] / 1e6:.1f} MB ({r['size_ratio']:.2f}x), {lat}, "
+              f"max abs logit diff {r['max_abs_logit_diff']:.4f}")
+    print(f"report: {out / 'report.md'}")

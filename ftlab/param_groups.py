@@ -93,3 +93,17 @@ def assign(shapes: dict[str, tuple[int, ...]], rules: Mapping[str, GroupRule],
             raise ConfigError(f"schedule.phases.{name}",
                               "trains no parameter; set some group's train_from to it")
     return groups
+
+
+def select(paths, pattern: str, key: str) -> set[str]:
+    """The paths `pattern` fully matches (the same anchored matching as group rules);
+    a bad regex or one matching nothing is a ConfigError naming `key`."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(key, f"bad regex: {e}") from None
+    hit = {p for p in paths if rx.fullmatch(p)}
+    if not hit:
+        raise ConfigError(key, f"pattern '{pattern}' matches no parameter; param paths "
+                               f"start with: {_prefixes(paths)}")
+    return hit
