@@ -132,6 +132,35 @@ def test_lora_composes_with_progressive_unfreezing(tmp_path):
     assert results["steps"] > 0 and results["merged/test/max_abs_logit_diff"] < 1e-4
 
 
+def test_lora_composes_with_multitask_heads(tmp_path):
+    from ftlab.schema import TaskConfig
+    from ftlab.tasks import load as load_tasks
+    groups = {"lora": {"pattern": ".*/lora_[ab]", "train_from": "train"},
+              "head": {"pattern": "head/.*", "train_from": "train"},
+              "frozen": {"pattern": f"(?!head/|loss_weights/){NOT_LORA}.*", "train_from": None}}
+    cfg = lora_cfg(groups, {"train": {"epochs": 2, "lr": 1e-2}})
+    cfg.tasks = {"digit": TaskConfig(), "parity": TaskConfig(label="parity"),
+                 "ink": TaskConfig(type="regression", label="ink")}
+    cfg.weighting.scheme = "uncertainty"
+    results = run(cfg, tmp_path)
+    specs = load_tasks(tmp_path / "tasks.json")
+    target = build_model(cfg, 10, abstract=True, task_specs=specs)
+    shapes = param_paths(target)
+    assert {"head/parity/layers/1/kernel", "loss_weights/log_var"} <= set(shapes)
+    assert sum(p.endswith("/lora_b") for p in shapes) == 4
+    ckpts = Checkpoints(tmp_path / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode, 1)
+    after = flat(ckpts.restore_latest(nnx.state(target, WEIGHTS))[0])
+    ckpts.close()
+    before = flat(nnx.state(models.build(cfg.model, 10, cfg.trainer.seed), nnx.Param))
+    base = [p for p in before if not p.startswith("head/")]
+    for p in base:
+        assert np.array_equal(before[p], after[p]), p
+    assert all(np.abs(after[p]).max() > 0 for p in after if p.endswith("/lora_b"))
+    assert np.all(after["loss_weights/log_var"] != 0)
+    assert {"test/parity/accuracy", "test/ink/mae"} <= set(results)
+    assert results["merged/test/max_abs_logit_diff"] < 1e-4
+
+
 def test_lora_on_efficientnet_pointwise_convs():
     size = efficientnet.VARIANTS["tiny"]
     build = lambda: efficientnet.EfficientNetLite(size, 3, rngs=nnx.Rngs(0))

@@ -32,7 +32,11 @@ def digits(cfg: DatasetConfig) -> Examples:
     ids = np.asarray([f"digits/{i:04d}" for i in range(len(d.target))])
     tokens = {"input_ids": d.data.astype(np.int32) + 1,
               "attention_mask": np.ones(d.data.shape, np.int32)}
-    return Examples(ids, d.target.astype(np.int64), [str(i) for i in range(10)], arrays=tokens)
+    # Two derived labels for multi-task demos and tests: parity and the image's mean ink.
+    columns = {"parity": np.where(d.target % 2 == 0, "even", "odd"),
+               "ink": (d.data.mean(1) / 16.0).astype(np.float32)}
+    return Examples(ids, d.target.astype(np.int64), [str(i) for i in range(10)], arrays=tokens,
+                    columns=columns)
 
 
 ELPV_LABELS = {  # label column -> (class names, function of defect probability / cell type)
