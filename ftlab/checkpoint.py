@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ftlab.schema import ConfigError
+
 
 def _key(entry) -> str:
     for attr in ("key", "name", "idx"):
@@ -59,9 +61,19 @@ def _restore(mngr, step: int, **targets) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(**args))
 
 
+def check_dir(directory: Path) -> Path:
+    """The absolute checkpoint dir; refused if TensorStore could write but not read it."""
+    directory = Path(directory).absolute()
+    if set("[]") & set(str(directory)):
+        raise ConfigError("run_dir", f"{directory}: TensorStore (Orbax) cannot read a "
+                                     "checkpoint under a path with '[' or ']'; use another "
+                                     "directory (hydra.run.dir=...)")
+    return directory
+
+
 class Checkpoints:
     def __init__(self, directory: Path, monitor: str, mode: str, keep_best: int):
-        directory = Path(directory).absolute()
+        directory = check_dir(directory)
         sync = dict(enable_async_checkpointing=False, create=True)
         # Handlers named up front, so a reopened manager can read item metadata.
         self.best = ocp.CheckpointManager(

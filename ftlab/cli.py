@@ -19,7 +19,13 @@ ConfigStore.instance().store(name="ftlab_eval_config", node=EvalAppConfig)
 ConfigStore.instance().store(name="ftlab_adapt_config", node=AdaptAppConfig)
 ConfigStore.instance().store(name="ftlab_combine_config", node=CombineAppConfig)
 ConfigStore.instance().store(name="ftlab_quantize_config", node=QuantizeAppConfig)
-OmegaConf.register_new_resolver("ftlab_dirname", lambda s: s or "default", replace=True)
+def run_dirname(overrides: str) -> str:
+    """The run dir's name from its overrides; list brackets become parentheses, since
+    TensorStore (Orbax) cannot read a checkpoint under a path with '[' or ']'."""
+    return (overrides or "default").replace("[", "(").replace("]", ")")
+
+
+OmegaConf.register_new_resolver("ftlab_dirname", run_dirname, replace=True)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

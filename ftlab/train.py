@@ -21,7 +21,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance, tasks
-from ftlab.checkpoint import Checkpoints, latest_meta
+from ftlab.checkpoint import Checkpoints, check_dir, latest_meta
 from ftlab.compiles import CompileLog
 from ftlab.resume import RunState, check_resumable
 from ftlab.data import splits
@@ -86,6 +86,7 @@ def build_model(cfg: Config, num_classes: int, *, abstract: bool = False,
 def run(cfg: Config, run_dir: Path) -> dict:
     """Train, keep the best checkpoint, evaluate it on the test split; returns results."""
     run_dir = Path(run_dir)
+    check_dir(run_dir / "ckpt")
     run_dir.mkdir(parents=True, exist_ok=True)
     check_config(cfg)
     # Before anything is written: a run dir holding another config's run stays untouched.

@@ -181,3 +181,14 @@ def test_one_train_step_compile_per_phase(tmp_path):
     for name in phases:
         assert results["compiles"][name]["by_function"]["jit(train_step)"] == 1, name
     assert "jit(train_step)" not in results["compiles"]["final_evaluation"]["by_function"]
+
+
+def test_run_dir_with_brackets_is_refused_before_any_work(tmp_path):
+    """TensorStore writes but cannot read checkpoints under '[' / ']' (a list override in the
+    run dir name): sweeps name dirs with parentheses, and such a dir is refused up front."""
+    from ftlab.cli import run_dirname
+    assert run_dirname("dataset.source_envs=[mono],seed=1") == "dataset.source_envs=(mono),seed=1"
+    assert run_dirname("") == "default"
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(*FAST), tmp_path / "source_envs=[mono]")
+    assert e.value.key == "run_dir" and not (tmp_path / "source_envs=[mono]").exists()
