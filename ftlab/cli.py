@@ -82,7 +82,14 @@ def train(cfg: DictConfig) -> None:
     except _errors() as e:
         _fail(e)
     if results.get("halted"):
-        print(f"halted at step {results['step']}; rerun the same command to resume ({run_dir})")
+        why = results.get("preempted")
+        if why:
+            from ftlab.preempt import requeue
+            again = "requeued this SLURM job" if requeue() else "rerun the same command"
+            print(f"{why}: saved at step {results['step']}; {again} to resume ({run_dir})")
+        else:
+            print(f"halted at step {results['step']}; rerun the same command to resume "
+                  f"({run_dir})")
         return
     recall = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in results.items()
                        if k.startswith("test/recall/"))

@@ -36,9 +36,10 @@ class Monitor:
 
 
 def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
-                halt_after: int | None, desc: str, progress: bool):
+                halt_after: int | None, desc: str, progress: bool, stop=None):
     """Run the batches of `it` on carry = (trainable, opt_state, stats), advancing rs.step /
-    rs.batch; returns the new carry, the epoch's means and whether it halted."""
+    rs.batch; returns the new carry, the epoch's means and whether it halted (at step
+    `halt_after`, or when `stop()` turns true: checked after every step)."""
     sums, halted = [], False
     bar = tqdm(total=total, initial=rs.batch, desc=desc, disable=not progress, leave=False)
     for batch in it:
@@ -48,7 +49,7 @@ def train_epoch(step_fn, carry: tuple, rest, it, key, rs, total: int,
         bar.update()
         if progress and rs.batch % 10 == 0:
             bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-        if halt_after is not None and rs.step >= halt_after:
+        if (halt_after is not None and rs.step >= halt_after) or (stop is not None and stop()):
             halted = True
             break
     bar.close()

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance, tasks
 from ftlab.checkpoint import Checkpoints, check_dir, latest_meta
 from ftlab.compiles import CompileLog
+from ftlab.preempt import Preemption
 from ftlab.resume import RunState, check_resumable
 from ftlab.data import splits
 from ftlab.data.batches import batches, num_batches, order
@@ -176,6 +177,7 @@ class Trainer:
         self.cfg, self.tasks, self.groups, self.data = cfg, data.tasks, groups, data
         self.source = source
         self.compiles: dict[str, dict] = {}  # phase -> compilations in this process
+        self.preempt = Preemption()  # SIGUSR2 / SIGTERM: save at the next step, stop
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
         self.run_dir = Path(run_dir)
         self.phases = list(cfg.schedule.phases.items())
@@ -203,17 +205,18 @@ class Trainer:
                        for i in range(len(self.phases))]
         key = jax.random.key(t.seed)
         start = time.perf_counter()
-        while not rs.done and rs.phase < len(self.phases):
-            name = self.phases[rs.phase][0]
-            with CompileLog() as compiles:
-                halted = self._phase(model, rs, key, meta)
-            self.compiles[name] = compiles.summary()
-            log.info("phase %s compiled %d programs in %.1f s (%d from the cache): %s", name,
-                     compiles.count, compiles.seconds, compiles.cache_hits,
-                     dict(compiles.by_function))
-            if halted:
-                return {"halted": True, "step": rs.step}
-            meta = None
+        with self.preempt:
+            while not rs.done and rs.phase < len(self.phases):
+                name = self.phases[rs.phase][0]
+                with CompileLog() as compiles:
+                    halted = self._phase(model, rs, key, meta)
+                self.compiles[name] = compiles.summary()
+                log.info("phase %s compiled %d programs in %.1f s (%d from the cache): %s",
+                         name, compiles.count, compiles.seconds, compiles.cache_hits,
+                         dict(compiles.by_function))
+                if halted:
+                    return {"halted": True, "step": rs.step, "preempted": self.preempt.name}
+                meta = None
         with CompileLog() as compiles:
             out = self._finish(model, rs, time.perf_counter() - start)
         self.compiles["final_evaluation"] = compiles.summary()
@@ -258,7 +261,8 @@ class Trainer:
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
             (trainable, opt_state, stats), train_m, halted = train_epoch(
                 step_fn, (trainable, opt_state, stats), rest, it, key, rs, steps_per_epoch,
-                t.halt_after_steps, desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress)
+                t.halt_after_steps, desc=f"{name} {rs.epoch + 1}/{epochs}", progress=t.progress,
+                stop=lambda: self.preempt.requested)
             if halted:
                 self._save_latest(model, (trainable, stats), opt_state, rs)
                 log.info("halted at step %d; rerun the same command to resume", rs.step)

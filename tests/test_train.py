@@ -92,7 +92,7 @@ def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
     # Halt mid-epoch inside phase 2, then at the start of phase 3, then finish.
     for halt in (13, 19):
         out = run(compose_cfg(*over, f"trainer.halt_after_steps={halt}"), tmp_path / "cut")
-        assert out == {"halted": True, "step": halt}
+        assert out == {"halted": True, "step": halt, "preempted": None}
         assert not (tmp_path / "cut" / "results.json").exists()
     res_cut = run(compose_cfg(*over), tmp_path / "cut")
     a, b = latest_params(tmp_path / "ref", ref), latest_params(tmp_path / "cut", ref)
