@@ -180,3 +180,22 @@ def quantize(cfg: DictConfig) -> None:
               f"{r['disk_bytes'] / 1e6:.1f} MB ({r['size_ratio']:.2f}x), {lat}, "
               f"max abs logit diff {r['max_abs_logit_diff']:.4f}")
     print(f"report: {out / 'report.md'}")
+
+
+def aggregate(argv: list[str] | None = None) -> None:
+    """`ftlab-aggregate <sweep dir> [--out DIR]`: every job's overrides and results in one
+    table, seeds folded into mean ± std per setting (no Hydra config: a plain path)."""
+    import argparse
+    from ftlab.aggregate import markdown, write
+    p = argparse.ArgumentParser(prog="ftlab-aggregate", description=aggregate.__doc__)
+    p.add_argument("sweep_dir", help="a --multirun sweep dir (runs/<name>/multirun)")
+    p.add_argument("--out", default=None, help="where to write (default: the sweep dir)")
+    args = p.parse_args(argv)
+    try:
+        summary, out = write(Path(args.sweep_dir), args.out)
+    except ConfigError as e:
+        _fail(e)
+    metrics = [k[:-5] for k in summary[0] if k.endswith(" mean")]
+    print(markdown(summary, metrics), end="")
+    print(f"{sum(r['n'] for r in summary)} jobs in {len(summary)} settings: "
+          f"{out / 'jobs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}")
