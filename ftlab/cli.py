@@ -9,7 +9,8 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from ftlab.schema import (AdaptAppConfig, CombineAppConfig, Config, ConfigError,
                           EvalAppConfig, QuantizeAppConfig, from_omegaconf)
@@ -26,6 +27,9 @@ def run_dirname(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("ftlab_dirname", run_dirname, replace=True)
+# A sweep's dir, from the sweep's own overrides. Cached like Hydra's ${now:}: each job's config
+# (whose overrides are the job's) gets the value the sweep resolved first (copy_cache).
+OmegaConf.register_new_resolver("ftlab_sweep_dirname", run_dirname, use_cache=True, replace=True)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -37,11 +41,48 @@ def _setup_jax() -> None:
     cache = os.environ.get("FTLAB_JAX_CACHE", os.path.expanduser("~/.cache/ftlab/jax"))
     if cache:
         enable_persistent_cache(cache)
+    from ftlab.parallel import initialize
+    initialize()  # multi-node SLURM jobs: jax.distributed from SLURM's environment
 
 
 def _fail(e: Exception) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+class SweepCallback(Callback):
+    """At the start of a multirun (conf/config.yaml hydra.callbacks): a SLURM launcher's
+    request goes through `sbatch --test-only`, so one SLURM refuses fails in one line before
+    any job is submitted; an Optuna study with a storage resumes, its `n_trials` counting
+    the trials earlier invocations finished (ftlab/sweeps.py)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from ftlab import sweeps
+        launcher, sweeper = config.hydra.launcher, config.hydra.sweeper
+        if str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+            from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+            # The executor parameters the submitit launcher passes, named as it names them.
+            generic = set(OmegaConf.structured(BaseQueueConf).keys())
+            params = {k if k in generic else f"slurm_{k}": v
+                      for k, v in OmegaConf.to_container(launcher, resolve=True).items()
+                      if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+            reason = sweeps.slurm_refusal(params)
+            if reason:
+                asked = ", ".join(f"{k}={launcher[k]}" for k in (
+                    "partition", "account", "qos", "nodes", "gpus_per_node", "cpus_per_task",
+                    "mem_gb", "timeout_min") if launcher.get(k) is not None)
+                _fail(ValueError(f"hydra.launcher: SLURM refuses the sweep's jobs: {reason} "
+                                 f"(asked: {asked}); `sinfo -o '%P %c %m %G %l'` lists each "
+                                 "partition's CPUs, memory (MB), GRES and time limit"))
+        if str(sweeper.get("_target_", "")).endswith(".OptunaSweeper") and sweeper.storage:
+            Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # for sqlite
+            done = sweeps.resume_study(sweeper.storage, sweeper.study_name)
+            if done:
+                logging.getLogger(__name__).info(
+                    "study %s has %d finished trials: running %d more", sweeper.study_name,
+                    done, max(0, sweeper.n_trials - done))
+            with read_write(sweeper):
+                sweeper.n_trials = max(0, sweeper.n_trials - done)
 
 
 def _errors() -> tuple:
@@ -71,7 +112,9 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> float | None:
+    """`ftlab-train [experiment=...] [key=value ...]`; returns `trainer.monitor`'s value at
+    the best checkpoint (what an Optuna sweep optimizes), None when halted."""
     from ftlab.train import run
 
     _setup_jax()
@@ -110,6 +153,7 @@ def train(cfg: DictConfig) -> None:
               f"report: {results['report']}")
     else:
         print(f"report: {results['report']}")
+    return results.get(config.trainer.monitor)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -23,8 +23,15 @@ class HeadConfig:
 class ModelConfig:
     arch: str = "bert"
     variant: str = "minilm-l6"
-    source: Optional[str] = None  # dir or file with pretrained weights; pkg:// allowed
-    tokenizer: Optional[str] = None  # tokenizer.json (dir or file); pkg:// allowed
+    # Weights: a dir or file (safetensors, torch .bin/.pth/.pt, Flax .msgpack), pkg://,
+    # a hub id (hf://org/name, timm://name) or an earlier run's dir (runs/<name>/<overrides>).
+    source: Optional[str] = None
+    tokenizer: Optional[str] = None  # tokenizer.json / vocab.txt; None: the source's own
+    keep_head: Optional[bool] = None  # the source's classifier as the head (True) or a new
+    # head (False); None: False for a run dir, model.skip decides for published weights
+    image_size: Optional[int] = None  # ViT position grid; None: the pretraining resolution
+    mean: Optional[List[float]] = None  # input normalisation (0-255 scale; one value or one
+    std: Optional[List[float]] = None  # per channel); None: from the model's metadata
     pooling: str = "mean"  # mean | cls
     compute_dtype: str = "float32"  # float32 | bfloat16 (bf16 matmuls, f32 accumulate/params)
     dropout: float = 0.1
@@ -184,6 +191,7 @@ class TrainerConfig:
     max_epochs_per_phase: Optional[int] = None
     cache_frozen: bool = True  # run frozen leading stages once per phase, not every step
     halt_after_steps: Optional[int] = None  # save and stop as if preempted (tests, debugging)
+    devices: Optional[int] = None  # data parallel over this many devices; null: all local ones
     progress: bool = True
 
 
@@ -333,8 +341,9 @@ class CombineAppConfig:
 
 @dataclass
 class QuantRule:
-    """Int8 for the quantizable weights (dense / 1x1 / stem kernels, embedding tables) whose
-    '/'-joined param path fully matches `pattern`."""
+    """Int8 for the quantizable weights (dense / conv kernels, embedding tables) whose
+    '/'-joined param path fully matches `pattern`. Tables and depthwise kernels are always
+    weight-only (w8): they are looked up or multiplied elementwise, not in a dot."""
     pattern: str = "MISSING"
     mode: str = "w8a8"  # w8a8 (int8 weights + activations) | w8 (weights only) | fp32 (excluded)
 
@@ -355,7 +364,7 @@ class QuantizeConfig:
     """What `ftlab-quantize` quantizes and how. Rules are named like schedule.groups; fp32
     rules exclude (and win over overlapping rules); unmatched weights stay fp32."""
     rules: Dict[str, QuantRule] = field(default_factory=dict)
-    activations: str = "dynamic"  # dynamic: per-row scales at run time | static: calibrated
+    activations: str = "static"  # static: per-tensor scales calibrated on val | dynamic: per row
     calibration_batches: int = 8  # val batches whose mean max |x| sets static scales
     weight_only: bool = False  # every w8a8 rule becomes w8: 4x smaller, not faster on CPU
     sensitivity: bool = True  # per layer: val accuracy with only that layer quantized

@@ -12,15 +12,14 @@ import math
 import time
 from pathlib import Path
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from ftlab import evaluate, logs, models, optim, param_groups, peft, provenance, tasks
+from ftlab import (evaluate, logs, models, optim, parallel, param_groups, peft, provenance,
+                   tasks)
 from ftlab.checkpoint import Checkpoints, check_dir, latest_meta
 from ftlab.compiles import CompileLog
 from ftlab.preempt import Preemption
@@ -30,7 +29,7 @@ from ftlab.data.batches import batches, num_batches, order
 from ftlab.data.prepare import Prepared, load_split, prepare
 from ftlab.data.augment import augment_fn
 from ftlab.data.balance import oversample_order
-from ftlab.data.summary import data_summary, write_summary
+from ftlab.data.summary import write_data_report
 from ftlab.logs import MetricLog
 from ftlab.loop import Monitor, cache_prefix, predict, train_epoch
 from ftlab.loop import evaluate as evaluate_split
@@ -62,6 +61,7 @@ def check_config(cfg: Config) -> None:
                           f"'{t.monitor}' is not one of: {', '.join(sorted(known))}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size", "batch sizes must be >= 1")
+    parallel.data_mesh(t.devices, t.batch_size)
 
 
 def build_model(cfg: Config, num_classes: int, *, abstract: bool = False,
@@ -98,7 +98,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ex, parts = split.examples, split.parts
     evaluate.check(cfg.eval, ex.class_names)
     evaluate.slice_columns(cfg.eval, cfg.dataset.env, ex.columns)
-    _data_report(cfg, split, run_dir)
+    write_data_report(cfg.dataset, split, run_dir)
     num_classes = len(ex.class_names)
     specs, _ = tasks.resolve(cfg, ex, parts)
     abstract = build_model(cfg, num_classes, abstract=True, task_specs=specs)  # checks weights
@@ -146,22 +146,6 @@ def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:
     return order(len(train), cfg.trainer.seed, phase, epoch)
 
 
-def _data_report(cfg: Config, split, run_dir: Path) -> None:
-    """Write the leakage report and data summary; fail on leakage unless told otherwise."""
-    ex, d = split.examples, cfg.dataset
-    env = None if d.env is None else ex.columns[d.env]
-    write_summary(run_dir / "data_summary.json",
-                  data_summary(ex.labels, ex.class_names, split.parts, env, d.env))
-    split.leaks.to_csv(run_dir / "leakage.csv")
-    if split.leaks.ok:
-        return
-    msg = (f"{split.leaks.summary()} (see {run_dir / 'leakage.csv'}); set "
-           "dataset.duplicates=group to keep duplicates inside one split, or =warn to go on")
-    if d.duplicates == "fail":
-        raise ConfigError("dataset.duplicates", msg)
-    log.warning("leakage: %s", msg)
-
-
 def _sizes(trainable, opt_state, groups) -> dict:
     """What a phase trains and what its optimizer holds (the price of what it unfreezes)."""
     n = sum(int(np.size(x)) for x in jax.tree.leaves(trainable))
@@ -178,6 +162,7 @@ class Trainer:
         self.source = source
         self.compiles: dict[str, dict] = {}  # phase -> compilations in this process
         self.preempt = Preemption()  # SIGUSR2 / SIGTERM: save at the next step, stop
+        self.mesh = parallel.data_mesh(cfg.trainer.devices, cfg.trainer.batch_size)
         self.ckpts, self.metric_log, self.resolved = ckpts, metric_log, resolved
         self.run_dir = Path(run_dir)
         self.phases = list(cfg.schedule.phases.items())
@@ -245,6 +230,8 @@ class Trainer:
             _, opt_state = self.ckpts.restore_latest(nnx.state(model, WEIGHTS),
                                                      jax.eval_shape(lambda: opt_state))
         rs.opt_phase = rs.phase
+        trainable, opt_state, stats, rest = parallel.replicate(
+            self.mesh, (trainable, opt_state, stats, rest))
         rs.sizes[name] = _sizes(trainable, opt_state, self.groups)
         log.info("phase %s: %d epochs x %d steps, training %d tensors from stage %d; %s",
                  name, epochs, steps_per_epoch, len(paths), start, rs.sizes[name])
@@ -256,7 +243,7 @@ class Trainer:
                                      scheme=self.cfg.weighting.scheme)
         while rs.epoch < epochs:
             dyn = self._dyn(rs)
-            step_fn = partial(train_step, dyn=dyn)
+            step_fn = self._sharded(train_step, dyn)
             idx = self._order(train, rs.phase, rs.epoch)
             it = batches(train, t.batch_size, idx, start=rs.batch, limit=t.limit_train_batches)
             (trainable, opt_state, stats), train_m, halted = train_epoch(
@@ -308,6 +295,15 @@ class Trainer:
         rs.done = rs.phase >= len(self.phases)
         self._save_latest(model, (trainable, stats), opt_state, rs)
         return False
+
+    def _sharded(self, train_step, dyn):
+        """The step on batches split over the data mesh (unchanged on one device)."""
+        mesh, dyn = self.mesh, parallel.replicate(self.mesh, dyn)
+
+        def step(trainable, opt_state, stats, rest, batch, key):
+            return train_step(trainable, opt_state, stats, rest,
+                              parallel.shard_batch(mesh, batch), key, dyn=dyn)
+        return step
 
     def _dyn(self, rs: RunState):
         """This epoch's host-side task weights: DWA's from the last two epochs, else ones."""

@@ -3,11 +3,14 @@ that every class reaches every split."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ftlab.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
@@ -56,3 +59,20 @@ def check_classes_present(labels: np.ndarray, class_names: list[str],
                                                    f"'{split}'; use more data (dataset.subset), "
                                                    "another dataset.split.seed or larger "
                                                    "split fractions")
+
+
+def write_data_report(d, split, run_dir: Path) -> None:
+    """Write the data summary and leakage report of `split` (dataset config `d`) into
+    `run_dir`; fail on leakage unless dataset.duplicates says otherwise."""
+    ex = split.examples
+    env = None if d.env is None else ex.columns[d.env]
+    write_summary(run_dir / "data_summary.json",
+                  data_summary(ex.labels, ex.class_names, split.parts, env, d.env))
+    split.leaks.to_csv(run_dir / "leakage.csv")
+    if split.leaks.ok:
+        return
+    msg = (f"{split.leaks.summary()} (see {run_dir / 'leakage.csv'}); set "
+           "dataset.duplicates=group to keep duplicates inside one split, or =warn to go on")
+    if d.duplicates == "fail":
+        raise ConfigError("dataset.duplicates", msg)
+    log.warning("leakage: %s", msg)
