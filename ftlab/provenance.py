@@ -34,8 +34,13 @@ def versions() -> dict[str, str | None]:
 
 
 def write(run_dir: Path, config_yaml: str, pretrained: dict | None = None) -> None:
+    """config.yaml, run_info.json and, given the model's metadata (`models.ModelMeta`:
+    sizes, input size, normalisation, tokenizer, classifier, licence, chained-from run),
+    model.json."""
     import jax
     (run_dir / "config.yaml").write_text(config_yaml)
+    if pretrained is not None:
+        (run_dir / "model.json").write_text(json.dumps(pretrained, indent=2))
     info = {"git": git_sha(Path(__file__).parent), "packages": versions(),
             "pretrained": pretrained,
             "python": sys.version.split()[0], "platform": platform.platform(),

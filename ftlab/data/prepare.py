@@ -106,10 +106,12 @@ def inputs(ex: Examples, dcfg: DatasetConfig,
     if ex.arrays is not None:
         return {k: v[:, :dcfg.max_length] if k in ("input_ids", "attention_mask") else v
                 for k, v in ex.arrays.items()}, None
-    if mcfg.tokenizer is None:
+    from ftlab.models import tokenizer_of
+    spec = tokenizer_of(mcfg)  # model.tokenizer, else the one published with the weights
+    if spec is None:
         raise ConfigError("model.tokenizer", f"dataset '{dcfg.name}' is text; give the "
                                              "model a tokenizer.json path")
-    tok = load_tokenizer(mcfg.tokenizer, dcfg.max_length)
+    tok = load_tokenizer(spec, dcfg.max_length)
     return encode(tok, ex.texts), special_tokens(tok)
 
 

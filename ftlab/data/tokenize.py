@@ -9,8 +9,18 @@ from ftlab.models.loading import find_file
 
 
 def load_tokenizer(spec: str, max_length: int, key: str = "model.tokenizer"):
+    """`tokenizer.json`, else a BERT `vocab.txt` (WordPiece; lower-casing as the files'
+    tokenizer_config.json says, default on), in `spec` (file, dir, pkg:// or hub id)."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(find_file(spec, ("tokenizer.json",), key)))
+    path = find_file(spec, ("tokenizer.json", "vocab.txt"), key)
+    if path.suffix == ".txt":
+        import json
+        from tokenizers.implementations import BertWordPieceTokenizer
+        conf = path.parent / "tokenizer_config.json"
+        lower = json.loads(conf.read_text()).get("do_lower_case", True) if conf.is_file() else True
+        tok = BertWordPieceTokenizer(str(path), lowercase=lower)
+    else:
+        tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(length=max_length)
     return tok

@@ -29,13 +29,36 @@ class BertSize:
     max_positions: int = 512
     type_vocab_size: int = 2
     ln_eps: float = 1e-12
+    act: str = "gelu"  # HF hidden_act
 
 
 VARIANTS = {
     "minilm-l6": BertSize(vocab_size=30522, hidden=384, layers=6, heads=12, mlp=1536),
     "bert-base": BertSize(vocab_size=30522, hidden=768, layers=12, heads=12, mlp=3072),
+    "bert-large": BertSize(vocab_size=30522, hidden=1024, layers=24, heads=16, mlp=4096),
     "tiny": BertSize(vocab_size=64, hidden=32, layers=2, heads=2, mlp=64, max_positions=128),
 }
+
+ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
+
+
+def from_hf(config: dict) -> BertSize:
+    """Sizes from an HF `BertModel` config.json (BERT, BioBERT, MiniLM, ...)."""
+    if config.get("model_type") != "bert":
+        raise ValueError(f"config.json has model_type '{config.get('model_type')}', not 'bert'")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only absolute position embeddings are supported")
+    if config.get("hidden_act", "gelu") not in ACTS:
+        raise ValueError(f"hidden_act '{config['hidden_act']}' is not one of: {', '.join(ACTS)}")
+    return BertSize(vocab_size=config["vocab_size"], hidden=config["hidden_size"],
+                    layers=config["num_hidden_layers"], heads=config["num_attention_heads"],
+                    mlp=config["intermediate_size"],
+                    max_positions=config.get("max_position_embeddings", 512),
+                    type_vocab_size=config.get("type_vocab_size", 2),
+                    ln_eps=config.get("layer_norm_eps", 1e-12),
+                    act=config.get("hidden_act", "gelu"))
 
 
 class Embeddings(nnx.Module):
@@ -84,10 +107,11 @@ class Layer(nnx.Module):
         self.fc2 = nnx.Linear(size.mlp, size.hidden, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(size.hidden, epsilon=size.ln_eps, rngs=rngs)
         self.dropout = Dropout(dropout, deterministic=True)
+        self.act = ACTS[size.act]
 
     def __call__(self, x, bias, *, rngs=None):
         x = self.attention_norm(x + self.dropout(self.attention(x, bias, rngs=rngs), rngs=rngs))
-        h = self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        h = self.fc2(self.act(self.fc1(x)))
         return self.mlp_norm(x + self.dropout(h, rngs=rngs))
 
 

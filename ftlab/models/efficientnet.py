@@ -196,7 +196,7 @@ class EfficientNetLite(nnx.Module):
         """Run stages [start, stop); stage s > 0 reads `batch["hidden"]`."""
         n = len(self.blocks)
         stop = n + 3 if stop is None else stop
-        x = batch["hidden"] if start else (batch["image"].astype(jnp.float32) - self.mean) / self.std
+        x = batch["hidden"] if start else normalize(batch["image"], self.mean, self.std)
         for s in range(start, stop):
             if s == 0:
                 x = self.stem(x)
@@ -210,6 +210,12 @@ class EfficientNetLite(nnx.Module):
 
     def __call__(self, batch, *, rngs=None):
         return self.forward(batch, rngs=rngs)
+
+
+def normalize(image, mean, std):
+    """NHWC 0-255 -> (x - mean) / std in f32; mean / std: a number or one per channel."""
+    return (image.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+        std, jnp.float32)
 
 
 def num_params(size: LiteSize) -> int:

@@ -14,14 +14,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from ftlab.models import hub
 from ftlab.schema import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Rename:
-    """Source-name regex -> nnx path template (`\\1` groups), with an array transform."""
+    """Source-name regex -> nnx path template (`\\1` groups) or a function of the match
+    (for index arithmetic, e.g. timm's `layer1` -> stage 0), with an array transform."""
     source: str
-    target: str
+    target: str | Callable[[re.Match], str]
     transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
 
 
@@ -34,8 +36,11 @@ class LoadError(ValueError):
     pass
 
 
-def resolve_path(spec: str, key: str) -> Path:
-    """A filesystem path, or `pkg://package/sub/path` inside an installed package."""
+def resolve_path(spec: str, key: str, wanted: Sequence[str] = ()) -> Path:
+    """A filesystem path, `pkg://package/sub/path` inside an installed package, or a hub id
+    (`hf://org/name`, `timm://name`: its cached snapshot; `wanted` names the files to fetch)."""
+    if hub.is_hub(spec):
+        return hub.fetch(spec, key, wanted)
     if spec.startswith("pkg://"):
         pkg, _, rest = spec[len("pkg://"):].partition("/")
         found = importlib.util.find_spec(pkg)
@@ -49,7 +54,7 @@ def resolve_path(spec: str, key: str) -> Path:
 
 def find_file(spec: str, names: Sequence[str], key: str) -> Path:
     """`spec` is the file itself or a directory holding one of `names`."""
-    path = resolve_path(spec, key)
+    path = resolve_path(spec, key, names)
     if path.is_dir():
         for name in names:
             found = sorted(p for p in path.glob(name) if p.is_file())
@@ -70,8 +75,59 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     if path.suffix in (".pth", ".pt", ".bin"):
         from ftlab.models.torch_io import read_state_dict
         return read_state_dict(path)
-    raise LoadError(f"{path}: unsupported weights format '{path.suffix}' "
-                    "(supported: .safetensors, .pth, .pt, .bin torch state dicts)")
+    if path.suffix == ".msgpack":
+        return read_flax_msgpack(path)
+    raise LoadError(f"{path}: unsupported weights format '{path.suffix}' (supported: "
+                    ".safetensors, .pth, .pt, .bin torch state dicts, .msgpack Flax params)")
+
+
+_FLAX_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight",
+              "mean": "running_mean", "var": "running_var"}
+
+
+def read_flax_msgpack(path: Path) -> dict[str, np.ndarray]:
+    """A Flax params msgpack (HF `flax_model.msgpack`) under the torch names and layouts of
+    the same HF model, so one name map serves both: `a/b/kernel` -> `a.b.weight` transposed
+    (dense (in, out) -> (out, in); conv HWIO -> OIHW), `scale` / `embedding` -> `weight`,
+    batch statistics `mean` / `var` -> `running_mean` / `running_var`. msgpack holds only
+    data (no code runs on reading)."""
+    from flax.serialization import msgpack_restore
+    tree = msgpack_restore(path.read_bytes())
+    if not isinstance(tree, dict):
+        raise LoadError(f"{path}: not a Flax params msgpack (top level is not a mapping)")
+    if set(tree) <= {"params", "batch_stats"}:  # models with BatchNorm keep both collections
+        merged: dict = {}
+        for part in tree.values():
+            _merge_into(merged, part)
+        tree = merged
+    out = {}
+    for parts, arr in _leaves(tree, ()):
+        *head, leaf = parts
+        arr = np.asarray(arr)
+        if leaf == "kernel" and arr.ndim == 2:
+            arr = arr.T
+        elif leaf == "kernel" and arr.ndim == 4:
+            arr = arr.transpose(3, 2, 0, 1)
+        out[".".join([*head, _FLAX_LEAF.get(leaf, leaf)])] = np.ascontiguousarray(arr)
+    return out
+
+
+def _merge_into(dst: dict, src: dict) -> dict:
+    """Deep-merge `src` into `dst` (params and batch_stats share module paths)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge_into(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def _leaves(tree, prefix: tuple):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, (*prefix, str(k)))
+        else:
+            yield (*prefix, str(k)), v
 
 
 # What a pretrained source or a checkpoint holds: params and normalisation statistics.
@@ -94,7 +150,16 @@ def rename(tensors: Mapping[str, np.ndarray], rules: Sequence[Rename],
         for rule in rules:
             m = re.fullmatch(rule.source, name)
             if m:
-                mapped[m.expand(rule.target)] = (name, rule.transform(array))
+                target = rule.target(m) if callable(rule.target) else m.expand(rule.target)
+                if target in mapped:  # e.g. legacy `gamma` next to `weight`
+                    unexplained.append(f"{name} (maps to '{target}' as {mapped[target][0]} "
+                                       "does)")
+                else:
+                    try:
+                        array = rule.transform(array)
+                    except (ValueError, IndexError):  # wrong rank: reported as a shape mismatch
+                        pass
+                    mapped[target] = (name, array)
                 break
         else:
             unexplained.append(name)
@@ -124,7 +189,9 @@ def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]]
     problems += [f"'{src}' -> '{path}': no such model param"
                  for path, (src, _) in mapped.items() if path not in shapes]
     if problems:
-        raise LoadError(f"{source}: {len(problems)} mismatch(es): " + "; ".join(problems))
+        more = f"; ... (+{len(problems) - 40} more)" if len(problems) > 40 else ""
+        raise LoadError(f"{source}: {len(problems)} mismatch(es): " + "; ".join(problems[:40])
+                        + more)
     state = nnx.state(model, WEIGHTS)
     for p, var in nnx.to_flat_state(state):
         key = "/".join(map(str, p))
