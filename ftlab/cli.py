@@ -71,8 +71,8 @@ class SweepCallback(Callback):
                 asked = ", ".join(f"{k}={launcher[k]}" for k in (
                     "partition", "account", "qos", "nodes", "gpus_per_node", "cpus_per_task",
                     "mem_gb", "timeout_min") if launcher.get(k) is not None)
-                _fail(ValueError(f"hydra.launcher: SLURM refuses the sweep's jobs: {reason} "
-                                 f"(asked: {asked}); `sinfo -o '%P %c %m %G %l'` lists each "
+                _fail(ValueError(f"hydra.launcher: SLURM would not run the sweep's jobs: "
+                                 f"{reason} (asked: {asked}); `sinfo -o '%P %c %m %G %l'` lists each "
                                  "partition's CPUs, memory (MB), GRES and time limit"))
         if str(sweeper.get("_target_", "")).endswith(".OptunaSweeper") and sweeper.storage:
             Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # for sqlite
@@ -128,8 +128,13 @@ def train(cfg: DictConfig) -> float | None:
         why = results.get("preempted")
         if why:
             from ftlab.preempt import requeue
-            again = "requeued this SLURM job" if requeue() else "rerun the same command"
+            requeued = requeue()
+            again = "requeued this SLURM job" if requeued else "rerun the same command"
             print(f"{why}: saved at step {results['step']}; {again} to resume ({run_dir})")
+            if requeued:
+                # Leave without a result, as submitit's own requeue does: a returned None
+                # would be this job's result, and the sweep would end before the job does.
+                raise SystemExit(0)
         else:
             print(f"halted at step {results['step']}; rerun the same command to resume "
                   f"({run_dir})")
@@ -232,7 +237,7 @@ def aggregate(argv: list[str] | None = None) -> None:
     import argparse
     from ftlab.aggregate import markdown, write
     p = argparse.ArgumentParser(prog="ftlab-aggregate", description=aggregate.__doc__)
-    p.add_argument("sweep_dir", help="a --multirun sweep dir (runs/<name>/multirun)")
+    p.add_argument("sweep_dir", help="a --multirun sweep dir (runs/<name>/multirun/<sweep>)")
     p.add_argument("--out", default=None, help="where to write (default: the sweep dir)")
     args = p.parse_args(argv)
     try:
