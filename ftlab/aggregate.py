@@ -40,7 +40,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory; give the sweep dir "
-                                       "ftlab-train --multirun printed (runs/<name>/multirun/<sweep>)")
+                                       "ftlab-train --multirun wrote "
+                                       "(runs/<name>/multirun/<sweep>)")
     jobs = sorted(p.parent for p in sweep_dir.rglob("results.json"))
     if not jobs:
         raise ConfigError("sweep_dir", f"no finished job (results.json) under {sweep_dir}")
