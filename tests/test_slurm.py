@@ -67,6 +67,10 @@ def test_sweep_of_four_jobs_runs_as_one_job_array(tmp_path, tmp_path_factory):
     array = tasks[0].split("_")[0]
     assert tasks == [f"{array}_{i}" for i in range(4)]  # one array, one task per job
     assert all(sacct_states(t)[-1] in ("COMPLETED", "COMPLETING", "RUNNING") for t in tasks)
+    from ftlab.aggregate import write
+    summary, _ = write(tmp_path / sweep_dir)  # and the sweep aggregates: 2 settings x 2 seeds
+    assert sorted(r["n"] for r in summary) == [2, 2]
+    assert all(r["seeds"] == "0,1" for r in summary)
 
 
 def node_memory_gb() -> int:
