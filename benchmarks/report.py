@@ -97,6 +97,20 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append(table(["trainable set", "frozen fraction", "optimizer bytes", "x full"], [
             [k.rsplit("/", 1)[1], fmt(r[k]["frozen_fraction"], 3), f"{r[k]['bytes']:,}",
              fmt(r[k]["value"], 3)] for k in opt]))
+    qm = sorted({k.split("/")[1] for k in r if k.startswith("quantize/") and
+                 k.endswith("/fp32/size")})
+    if qm:
+        parts.append("### int8 vs fp32 (`ftlab-quantize`; goal latency <= 0.5x, size <= 0.3x, "
+                     "accuracy drop <= 1 point)")
+        rows = []
+        for m in qm:
+            for v in sorted({k.split("/")[2] for k in r if k.startswith(f"quantize/{m}/")
+                             and k.endswith("/accuracy_drop")}):
+                get = lambda x: r.get(f"quantize/{m}/{v}/{x}", {}).get("value")
+                rows.append([m, v, fmt(get("size"), 3), fmt(get("latency_b1"), 2),
+                             fmt(get("latency_b32"), 2), fmt(100 * get("accuracy_drop"), 2)])
+        parts.append(table(["model", "variant", "size x fp32", "latency b1 x", "latency b32 x",
+                            "accuracy drop (points)"], rows))
     st = [k for k in r if k.startswith("startup/") and k.endswith("_cache")]
     if st:
         parts.append("### Start-up: `ftlab-train` to first step and exit (goal warm <= 15 s)")
