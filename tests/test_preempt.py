@@ -27,8 +27,18 @@ def signal_after_first_eval(run_dir, signum):
     return t
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
-def test_signal_saves_at_the_next_step_and_the_rerun_is_bit_identical(tmp_path, signum):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run both resume tests compare with (trained once)."""
+    cfg = compose_cfg(*FAST)
+    out = tmp_path_factory.mktemp("ref")
+    run(cfg, out)
+    return latest_params(out, cfg)
+
+
+def test_signal_saves_at_the_next_step_and_the_rerun_is_bit_identical(tmp_path, reference):
+    """End to end with SIGUSR2 (SIGTERM takes the same path: see the flag test below)."""
+    signum = signal.SIGUSR2
     cfg = compose_cfg(*FAST)
     before = signal.getsignal(signum)
     watcher = signal_after_first_eval(tmp_path / "cut", signum)
@@ -40,12 +50,11 @@ def test_signal_saves_at_the_next_step_and_the_rerun_is_bit_identical(tmp_path, 
     assert saved["step"] == out["step"] and not saved["done"]
     assert not (tmp_path / "cut" / "results.json").exists()
     run(cfg, tmp_path / "cut")  # the requeued job: same command, same dir
-    run(cfg, tmp_path / "ref")
-    a, b = latest_params(tmp_path / "ref", cfg), latest_params(tmp_path / "cut", cfg)
-    assert all(np.array_equal(a[p], b[p]) for p in a)
+    b = latest_params(tmp_path / "cut", cfg)
+    assert all(np.array_equal(reference[p], b[p]) for p in reference)
 
 
-def test_checkpoint_cut_off_mid_write_is_never_restored(tmp_path):
+def test_checkpoint_cut_off_mid_write_is_never_restored(tmp_path, reference):
     """Orbax writes a step into a temporary dir and renames it when complete: a job killed
     while saving leaves only that temporary dir, which the resume ignores."""
     cfg = compose_cfg(*FAST, "trainer.halt_after_steps=13")
@@ -60,9 +69,8 @@ def test_checkpoint_cut_off_mid_write_is_never_restored(tmp_path):
     assert latest_meta(tmp_path / "cut" / "ckpt")["run_state"]["step"] == 13
     full = compose_cfg(*FAST)
     run(full, tmp_path / "cut")
-    run(full, tmp_path / "ref")
-    a, b = latest_params(tmp_path / "ref", full), latest_params(tmp_path / "cut", full)
-    assert all(np.array_equal(a[p], b[p]) for p in a)
+    b = latest_params(tmp_path / "cut", full)
+    assert all(np.array_equal(reference[p], b[p]) for p in reference)
 
 
 def test_slurm_job_id_of_array_tasks(monkeypatch):
@@ -76,10 +84,12 @@ def test_slurm_job_id_of_array_tasks(monkeypatch):
     assert slurm_job() == "40_3"
 
 
-def test_preemption_flag_and_handler_restore():
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_preemption_flag_and_handler_restore(signum):
+    before = signal.getsignal(signum)
     with Preemption() as p:
         assert not p.requested
-        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signum)
         time.sleep(0.05)
-        assert p.requested and p.name == "SIGUSR2"
-    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+        assert p.requested and p.name == signal.Signals(signum).name
+    assert signal.getsignal(signum) == before
