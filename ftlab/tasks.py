@@ -232,12 +232,6 @@ def groups(cfg: Config) -> dict[str, GroupRule]:
     return rules
 
 
-def from_config(task: TaskConfig, num_classes: int) -> Task:
-    """The plain single-task spec (benchmarks, tests)."""
-    return Task("main", "classification", "label", tuple(map(str, range(num_classes))),
-                "xent", task.weight, task.label_smoothing)
-
-
 # ---- losses (traced inside the jitted step) ----
 
 def task_loss(task: Task, out, y, weight):

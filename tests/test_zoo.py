@@ -85,6 +85,21 @@ def resnet_config(depths, widths, bottleneck, stem) -> dict:
 VIT = dict(hidden=32, layers=2, heads=2, mlp=64, patch=8, grid=4)  # = variant "tiny"
 
 
+def hf_layer(t: dict, layer: str, attention: str, norms, hidden: int, mlp: int) -> None:
+    """One HF transformer layer's tensors (ViTModel and BertModel differ only in the
+    attention module's name and the two norms')."""
+    for name in (f"{attention}.query", f"{attention}.key", f"{attention}.value",
+                 "attention.output.dense"):
+        t[layer + name + ".weight"] = rand(hidden, hidden)
+        t[layer + name + ".bias"] = rand(hidden)
+    t[layer + "intermediate.dense.weight"] = rand(mlp, hidden)
+    t[layer + "intermediate.dense.bias"] = rand(mlp)
+    t[layer + "output.dense.weight"] = rand(hidden, mlp)
+    t[layer + "output.dense.bias"] = rand(hidden)
+    for norm in norms:
+        t[f"{layer}{norm}.weight"], t[f"{layer}{norm}.bias"] = rand(hidden), rand(hidden)
+
+
 def vit_tensors(hidden, layers, heads, mlp, patch, grid, pooler=True, classes=0):
     """HF ViTModel (with pooler) or ViTForImageClassification (`vit.` + `classifier`)."""
     p = "vit." if classes else ""
@@ -93,17 +108,8 @@ def vit_tensors(hidden, layers, heads, mlp, patch, grid, pooler=True, classes=0)
          p + "embeddings.patch_embeddings.projection.weight": rand(hidden, 3, patch, patch),
          p + "embeddings.patch_embeddings.projection.bias": rand(hidden)}
     for i in range(layers):
-        layer = f"{p}encoder.layer.{i}."
-        for name in ("attention.attention.query", "attention.attention.key",
-                     "attention.attention.value", "attention.output.dense"):
-            t[layer + name + ".weight"] = rand(hidden, hidden)
-            t[layer + name + ".bias"] = rand(hidden)
-        t[layer + "intermediate.dense.weight"] = rand(mlp, hidden)
-        t[layer + "intermediate.dense.bias"] = rand(mlp)
-        t[layer + "output.dense.weight"] = rand(hidden, mlp)
-        t[layer + "output.dense.bias"] = rand(hidden)
-        for norm in ("layernorm_before", "layernorm_after"):
-            t[f"{layer}{norm}.weight"], t[f"{layer}{norm}.bias"] = rand(hidden), rand(hidden)
+        hf_layer(t, f"{p}encoder.layer.{i}.", "attention.attention",
+                 ("layernorm_before", "layernorm_after"), hidden, mlp)
     t[p + "layernorm.weight"], t[p + "layernorm.bias"] = rand(hidden), rand(hidden)
     if pooler and not classes:
         t["pooler.dense.weight"], t["pooler.dense.bias"] = rand(hidden, hidden), rand(hidden)
@@ -131,17 +137,8 @@ def bert_tensors(vocab, hidden, layers, heads, mlp, positions, prefix="", heads_
          e + "LayerNorm.weight": rand(hidden), e + "LayerNorm.bias": rand(hidden),
          e + "position_ids": np.arange(positions, dtype=np.int64)[None]}
     for i in range(layers):
-        layer = f"{prefix}encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense"):
-            t[layer + name + ".weight"] = rand(hidden, hidden)
-            t[layer + name + ".bias"] = rand(hidden)
-        t[layer + "intermediate.dense.weight"] = rand(mlp, hidden)
-        t[layer + "intermediate.dense.bias"] = rand(mlp)
-        t[layer + "output.dense.weight"] = rand(hidden, mlp)
-        t[layer + "output.dense.bias"] = rand(hidden)
-        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[f"{layer}{norm}.weight"], t[f"{layer}{norm}.bias"] = rand(hidden), rand(hidden)
+        hf_layer(t, f"{prefix}encoder.layer.{i}.", "attention.self",
+                 ("attention.output.LayerNorm", "output.LayerNorm"), hidden, mlp)
     t[prefix + "pooler.dense.weight"] = rand(hidden, hidden)
     t[prefix + "pooler.dense.bias"] = rand(hidden)
     if heads_too:
