@@ -26,7 +26,7 @@ from ftlab import quantize, runs
 from ftlab.data.batches import ArrayData
 from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots, interleaved_latency
 from ftlab.models.loading import LoadError
-from ftlab.schema import QuantizeConfig
+from ftlab.app_schema import QuantizeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "quantize"

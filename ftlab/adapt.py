@@ -28,7 +28,8 @@ from flax import nnx
 from ftlab import analysis, evaluate, param_groups
 from ftlab.data.batches import ArrayData, batches
 from ftlab.models.loading import WEIGHTS, LoadError, param_paths, read_tensors
-from ftlab.schema import AdaptAppConfig, AdaptConfig, Config, ConfigError, EvalConfig
+from ftlab.app_schema import AdaptAppConfig
+from ftlab.schema import AdaptConfig, Config, ConfigError, EvalConfig
 from ftlab.step import set_modes, trainable_filter
 from ftlab.tasks import primary
 

@@ -12,14 +12,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from ftlab.schema import (AdaptAppConfig, CombineAppConfig, Config, ConfigError,
-                          EvalAppConfig, QuantizeAppConfig, from_omegaconf)
+from ftlab.app_schema import (AdaptAppConfig, CombineAppConfig, EvalAppConfig, MonitorAppConfig,
+                              PredictAppConfig, QuantizeAppConfig, SelectAppConfig)
+from ftlab.schema import Config, ConfigError, from_omegaconf
 
 ConfigStore.instance().store(name="ftlab_config", node=Config)
 ConfigStore.instance().store(name="ftlab_eval_config", node=EvalAppConfig)
 ConfigStore.instance().store(name="ftlab_adapt_config", node=AdaptAppConfig)
 ConfigStore.instance().store(name="ftlab_combine_config", node=CombineAppConfig)
 ConfigStore.instance().store(name="ftlab_quantize_config", node=QuantizeAppConfig)
+ConfigStore.instance().store(name="ftlab_predict_config", node=PredictAppConfig)
+ConfigStore.instance().store(name="ftlab_monitor_config", node=MonitorAppConfig)
+ConfigStore.instance().store(name="ftlab_select_config", node=SelectAppConfig)
 def run_dirname(overrides: str) -> str:
     """The run dir's name from its overrides; list brackets become parentheses, since
     TensorStore (Orbax) cannot read a checkpoint under a path with '[' or ']'."""
@@ -248,3 +252,49 @@ def aggregate(argv: list[str] | None = None) -> None:
     print(markdown(summary, metrics), end="")
     print(f"{sum(r['n'] for r in summary)} jobs in {len(summary)} settings: "
           f"{out / 'jobs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def predict(cfg: DictConfig) -> None:
+    """`ftlab-predict model=<run dir | name[@alias|:version]> dataset=... split=...` or
+    `inputs=<folder | csv>`: appends one row per input to the prediction log."""
+    from ftlab.predict import run_app, summary
+
+    _setup_jax()
+    try:
+        res = run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(summary(res))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="monitor")
+def monitor(cfg: DictConfig) -> None:
+    """`ftlab-monitor model=<ref> [stream=...] [last=N]`: drift of a window of the prediction
+    log against the model's reference; exit status 1 when drift is flagged, 0 when not."""
+    from ftlab.monitor import run_app, summary
+
+    try:
+        res = run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(summary(res))
+    sys.exit(1 if res["drift"] else 0)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select")
+def select(cfg: DictConfig) -> None:
+    """`ftlab-select model=<ref> n=50 strategy=margin [diversity=true] out=queue.csv`: the
+    logged inputs to label next."""
+    from ftlab.active import run_app, summary
+
+    try:
+        res = run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(summary(res))
+
+
+def registry(argv: list[str] | None = None) -> None:
+    """`ftlab-registry register|promote|rollback|list|show ...` (no Hydra config)."""
+    raise NotImplementedError  # filled by the registry work (ftlab/registry.py)

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from ftlab import analysis, evaluate
-from ftlab.schema import CombineAppConfig, ConfigError
+from ftlab.app_schema import CombineAppConfig
+from ftlab.schema import ConfigError
 from ftlab.step import make_eval_step, set_modes
 
 MODES = ("mean", "route")

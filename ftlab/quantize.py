@@ -30,7 +30,8 @@ from ftlab.data.batches import ArrayData, batches, num_batches
 from ftlab.loop import predict, train_epoch
 from ftlab.models import int8
 from ftlab.models.loading import LoadError, param_paths, read_tensors
-from ftlab.schema import Config, ConfigError, PhaseConfig, QatConfig, QuantizeConfig
+from ftlab.app_schema import QatConfig, QuantizeConfig
+from ftlab.schema import Config, ConfigError, PhaseConfig
 from ftlab.step import make_eval_step, make_train_step, set_modes, trainable_filter
 
 log = logging.getLogger(__name__)

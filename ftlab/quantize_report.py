@@ -24,7 +24,8 @@ from ftlab import latency, metrics, peft, quantize, runs, tasks
 from ftlab.data.batches import ArrayData, batches
 from ftlab.models.loading import param_paths
 from ftlab.report import cell, fmt, table
-from ftlab.schema import ConfigError, QuantizeAppConfig
+from ftlab.app_schema import QuantizeAppConfig
+from ftlab.schema import ConfigError
 from ftlab.step import make_eval_step, set_modes
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from ftlab import evaluate, tasks
 from ftlab.checkpoint import restore_params
 from ftlab.data.prepare import load_split, prepare
 from ftlab.models.loading import WEIGHTS
-from ftlab.schema import Config, ConfigError, DatasetConfig, EvalAppConfig
+from ftlab.app_schema import EvalAppConfig
+from ftlab.schema import Config, ConfigError, DatasetConfig
 
 
 def load_config(run_dir: Path) -> Config:

@@ -13,7 +13,8 @@ import pytest
 from conftest import compose_cfg
 from ftlab import combine
 from ftlab.evaluate import Predictions, assess
-from ftlab.schema import CombineAppConfig, ConfigError, EvalConfig
+from ftlab.app_schema import CombineAppConfig
+from ftlab.schema import ConfigError, EvalConfig
 
 # Six rows, two environments. Model a is right on env "x" only, model b on env "y" only.
 LABELS = np.array([0, 1, 0, 1, 0, 1])

@@ -14,7 +14,8 @@ from sklearn import metrics as skm
 from conftest import compose_cfg
 from ftlab import analysis, metrics
 from ftlab.evaluate import Predictions, assess
-from ftlab.schema import ConfigError, EvalAppConfig, EvalConfig
+from ftlab.app_schema import EvalAppConfig
+from ftlab.schema import ConfigError, EvalConfig
 from ftlab.train import run
 
 

@@ -16,7 +16,8 @@ from ftlab.checkpoint import Checkpoints
 from ftlab.data.prepare import load_split, prepare
 from ftlab.models.loading import WEIGHTS, param_paths
 from ftlab.runs import evaluate_run
-from ftlab.schema import ConfigError, EvalAppConfig, TaskConfig
+from ftlab.app_schema import EvalAppConfig
+from ftlab.schema import ConfigError, TaskConfig
 from ftlab.tasks import Task, task_loss
 from ftlab.train import build_model, epoch_order, run
 from test_user_data import make_folder

@@ -23,8 +23,8 @@ from ftlab import quantize
 from ftlab.data.batches import ArrayData
 from ftlab.models import bert, efficientnet, int8
 from ftlab.quantize_report import hlo_dots
-from ftlab.schema import (ConfigError, QatConfig, QuantizeAppConfig, QuantizeConfig,
-                          QuantRule)
+from ftlab.app_schema import QatConfig, QuantizeAppConfig, QuantizeConfig, QuantRule
+from ftlab.schema import ConfigError
 
 TOL = 0.05  # of max |fp32 logit|
 RNG = np.random.default_rng(0)

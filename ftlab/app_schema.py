@@ -1,0 +1,149 @@
+"""Typed configs of the `ftlab-*` apps that act on finished runs and registered models
+(eval, adapt, combine, quantize, predict, monitor, select, retrain); the training run's own
+config is `ftlab.schema.Config`. Plain dataclasses, registered in Hydra's ConfigStore by
+`ftlab.cli`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ftlab.schema import AdaptConfig, DatasetConfig, EvalConfig
+
+
+@dataclass
+class EvalAppConfig:
+    """`ftlab-eval`: evaluate a finished run dir on one of its splits or on another dataset."""
+    run_dir: str = "???"
+    split: str = "test"  # train | val | test | all (all: every sample of `dataset`)
+    checkpoint: str = "best"  # best | latest
+    dataset: Optional[DatasetConfig] = None  # None: the run's dataset (and its split)
+    eval: Optional[EvalConfig] = None  # None: the run's eval config
+    out: Optional[str] = None  # None: <run_dir>/eval/<split>[-<dataset name>]
+
+
+@dataclass
+class AdaptAppConfig:
+    """`ftlab-adapt`: test-time adaptation of a finished run's model, evaluated next to the
+    source model."""
+    run_dir: str = "???"
+    checkpoint: str = "best"  # best | latest
+    adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(method="tent"))
+    dataset: Optional[DatasetConfig] = None  # None: the run's dataset; else a target dataset
+    split: str = "test"  # the split evaluated (train | val | test | adapt | all)
+    eval: Optional[EvalConfig] = None  # None: the run's eval config
+    out: Optional[str] = None  # None: <run_dir>/adapt[-<dataset name>]; writes <out>/<method>/
+
+
+@dataclass
+class CombineAppConfig:
+    """`ftlab-combine`: an ensemble (`mean` of class probabilities) or routing by
+    environment (`route`: each row scored by the run registered for its `dataset.env`)."""
+    runs: List[str] = field(default_factory=list)  # run dirs (mean; extra members for route)
+    mode: str = "mean"  # mean | route
+    route: Dict[str, str] = field(default_factory=dict)  # env value -> run dir
+    split: str = "test"  # train | val | test | all
+    checkpoint: str = "best"  # best | latest
+    dataset: Optional[DatasetConfig] = None  # None: the runs' own dataset and split
+    eval: Optional[EvalConfig] = None  # None: the first run's eval config
+    out: str = "???"
+
+
+@dataclass
+class QuantRule:
+    """Int8 for the quantizable weights (dense / conv kernels, embedding tables) whose
+    '/'-joined param path fully matches `pattern`. Tables and depthwise kernels are always
+    weight-only (w8): they are looked up or multiplied elementwise, not in a dot."""
+    pattern: str = "MISSING"
+    mode: str = "w8a8"  # w8a8 (int8 weights + activations) | w8 (weights only) | fp32 (excluded)
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware fine-tuning: one phase from the run's checkpoint with fake-quant
+    in the forward pass (straight-through gradients), then converted to int8 like PTQ."""
+    epochs: int = 1  # 0: no QAT
+    lr: float = 1.0e-5
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup: float = 0.1
+    train: Optional[str] = None  # regex over param paths that train; None: the run's last phase's
+
+
+@dataclass
+class QuantizeConfig:
+    """What `ftlab-quantize` quantizes and how. Rules are named like schedule.groups; fp32
+    rules exclude (and win over overlapping rules); unmatched weights stay fp32."""
+    rules: Dict[str, QuantRule] = field(default_factory=dict)
+    activations: str = "static"  # static: per-tensor scales calibrated on val | dynamic: per row
+    calibration_batches: int = 8  # val batches whose mean max |x| sets static scales
+    weight_only: bool = False  # every w8a8 rule becomes w8: 4x smaller, not faster on CPU
+    sensitivity: bool = True  # per layer: val accuracy with only that layer quantized
+    sensitivity_batches: Optional[int] = None  # val batches per layer; None: all of val
+    qat: QatConfig = field(default_factory=QatConfig)
+
+
+@dataclass
+class QuantizeAppConfig:
+    """`ftlab-quantize`: int8 PTQ and QAT models of a finished run, compared with fp32."""
+    run_dir: str = "???"
+    checkpoint: str = "best"  # best | latest
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    out: Optional[str] = None  # None: <run_dir>/quantize (+ a section in eval/test/report.md)
+
+
+@dataclass
+class PredictAppConfig:
+    """`ftlab-predict`: a registered model version (or a run dir) over a dataset split or a
+    folder / CSV of new inputs, appending one row per input to the prediction log."""
+    model: str = "???"  # a run dir, or a registry ref: <name> (its production), <name>@<alias>, <name>:<version>
+    registry: str = "registry"  # the registry root (ftlab-registry --root)
+    log: Optional[str] = None  # the prediction log (SQLite); None: <registry>/predictions.db
+    dataset: Optional[DatasetConfig] = None  # a dataset config (its split `split`) ...
+    split: str = "test"  # train | val | test | adapt | all
+    inputs: Optional[str] = None  # ... or a folder of images / a CSV of texts or image paths
+    input_column: Optional[str] = None  # the CSV's text / path column; None: the model's kind
+    id_column: Optional[str] = None  # the CSV's id column; None: the row's path / number
+    stream: Optional[str] = None  # this stream's name in the log; None: dataset:split / inputs
+    labels: bool = True  # also log the dataset's labels (they "arrive" with the inputs)
+    checkpoint: str = "best"  # best | latest (a run dir's)
+    batch_size: int = 64
+    limit: Optional[int] = None  # at most this many inputs (the first ones)
+
+
+@dataclass
+class DriftThresholds:
+    psi: float = 0.2  # population stability index, confidence and each embedding projection
+    ks_pvalue: float = 0.01  # two-sample KS test: drift when p < this (and PSI is not tiny)
+    class_mix_psi: float = 0.2  # PSI of the predicted-class mix
+    accuracy_drop: float = 0.05  # where labels arrived: reference accuracy - window accuracy
+    min_rows: int = 50  # a smaller window is reported, never flagged
+
+
+@dataclass
+class MonitorAppConfig:
+    """`ftlab-monitor`: a window of the prediction log against the model's reference (its
+    validation split, recorded at registration); exit status 1 when drift is flagged."""
+    model: str = "???"  # registry ref or run dir whose rows (and reference) are compared
+    registry: str = "registry"
+    log: Optional[str] = None  # None: <registry>/predictions.db
+    stream: Optional[str] = None  # only this stream's rows; None: every stream of the model
+    last: Optional[int] = None  # the newest N rows of the window; None: all
+    since: Optional[str] = None  # ISO time: rows logged at or after it
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+    out: Optional[str] = None  # None: <log dir>/monitor/<model>-<time>
+
+
+@dataclass
+class SelectAppConfig:
+    """`ftlab-select`: the N logged inputs to label next (active learning), as a CSV for
+    annotators."""
+    model: str = "???"
+    registry: str = "registry"
+    log: Optional[str] = None
+    stream: Optional[str] = None
+    n: int = 50
+    strategy: str = "margin"  # least_confidence | margin | entropy
+    diversity: bool = False  # k-center greedy over embedding projections among the uncertain
+    pool: int = 5  # diversity: candidates = pool * n most uncertain
+    include_labeled: bool = False  # rows whose label already arrived are skipped by default
+    out: str = "label_queue.csv"
