@@ -112,11 +112,14 @@ class PredictAppConfig:
 
 @dataclass
 class DriftThresholds:
+    """A check flags drift when its effect size reaches its threshold AND its test gives
+    p < `pvalue` / number of checks (KS for features, chi-square for the class mix, Fisher for
+    accuracy): large windows then ignore tiny shifts, small ones PSI's noise (ftlab/drift.py)."""
     psi: float = 0.2  # population stability index, confidence and each embedding projection
-    ks_pvalue: float = 0.01  # two-sample KS test: drift when p < this (and PSI is not tiny)
+    pvalue: float = 0.01  # chance an unshifted window raises any flag (Bonferroni over checks)
     class_mix_psi: float = 0.2  # PSI of the predicted-class mix
     accuracy_drop: float = 0.05  # where labels arrived: reference accuracy - window accuracy
-    min_rows: int = 50  # a smaller window is reported, never flagged
+    min_rows: int = 50  # a smaller window (labeled rows, for accuracy) is reported, never flagged
 
 
 @dataclass
@@ -147,3 +150,30 @@ class SelectAppConfig:
     pool: int = 5  # diversity: candidates = pool * n most uncertain
     include_labeled: bool = False  # rows whose label already arrived are skipped by default
     out: str = "label_queue.csv"
+
+
+@dataclass
+class GateConfig:
+    """When a retrained candidate replaces production: on the same held-out rows it must beat
+    production's `metric` by at least `margin` (and by more than nothing), and with
+    `require_significance` McNemar's exact test on the paired predictions must give p < alpha."""
+    metric: str = "accuracy"  # accuracy | macro_f1
+    margin: float = 0.0
+    require_significance: bool = False
+    alpha: float = 0.05
+    env: Optional[str] = None  # only rows whose dataset.env value is this (e.g. the new plant)
+    split: str = "test"  # the held-out split both models are scored on (never trained on)
+
+
+@dataclass
+class RetrainAppConfig:
+    """`ftlab-retrain`: newly labeled samples join production's training data; a candidate is
+    fine-tuned with production's exact config, registered, compared with production on the
+    same held-out rows, and promoted only if it passes the gate."""
+    model: str = "???"  # the registered model's name; its `baseline` alias is the reference
+    baseline: str = "production"
+    registry: str = "registry"
+    labels: str = "???"  # annotated CSV (sample_id,label): ftlab-select's queue, label filled
+    out: Optional[str] = None  # None: runs/<name>/retrain/<UTC time>
+    promote: bool = True  # False: register the candidate and report, never promote
+    gate: GateConfig = field(default_factory=GateConfig)

@@ -296,5 +296,64 @@ def select(cfg: DictConfig) -> None:
 
 
 def registry(argv: list[str] | None = None) -> None:
-    """`ftlab-registry register|promote|rollback|list|show ...` (no Hydra config)."""
-    raise NotImplementedError  # filled by the registry work (ftlab/registry.py)
+    """`ftlab-registry register|promote|rollback|list|show ...` (no Hydra config): numbered
+    versions of finished runs and the aliases (production, candidate) pointing at them."""
+    import argparse
+    import json
+    from ftlab import registry as reg
+    p = argparse.ArgumentParser(prog="ftlab-registry", description=registry.__doc__)
+    p.add_argument("--root", default=None,
+                   help="the registry dir (default: $FTLAB_REGISTRY, else registry/)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("register", help="a finished run's best checkpoint as a new version")
+    r.add_argument("run_dir", help="a finished run dir (runs/<name>/<overrides>)")
+    r.add_argument("--name", default=None, help="model name (default: the run's `name`)")
+    r.add_argument("--alias", action="append", default=[], help="alias to point at it "
+                   "(repeatable), e.g. candidate")
+    r.add_argument("--parent", default=..., type=lambda s: None if s == "none" else int(s),
+                   help="the version it descends from (default: the current production; "
+                        "'none': no parent)")
+    r.add_argument("--note", default="")
+    r.add_argument("--no-reference", action="store_true",
+                   help="skip the drift reference (reference.npz, the val split scored)")
+    r.add_argument("--wandb", action="store_true", help="also log it as a W&B model artifact")
+    for cmd, what in (("promote", "point an alias at a version"),
+                      ("rollback", "point an alias back where its latest promotion found it")):
+        c = sub.add_parser(cmd, help=what)
+        c.add_argument("name")
+        if cmd == "promote":
+            c.add_argument("version", type=int)
+        c.add_argument("--alias", default=reg.PRODUCTION)
+        c.add_argument("--wandb", action="store_true", help="also move the W&B alias")
+    sub.add_parser("list", help="the versions of one model or all").add_argument(
+        "name", nargs="?", default=None)
+    sub.add_parser("show", help="one version's record").add_argument(
+        "ref", help="<name> (its production), <name>@<alias> or <name>:<version>")
+    args = p.parse_args(argv)
+    root = Path(args.root) if args.root else reg.default_root()
+    try:
+        if args.command == "register":
+            ref_fn = None
+            if not args.no_reference:
+                _setup_jax()
+                from ftlab.predict import write_reference as ref_fn
+            rec = reg.register(root, args.run_dir, args.name, args.alias, args.parent,
+                               args.note, ref_fn, args.wandb)
+            print(f"registered {rec['name']}:{rec['version']} (step {rec['step']}, parent "
+                  f"{rec['parent'] or '-'}, aliases {','.join(rec['aliases']) or '-'}): "
+                  f"{rec['dir']}" + (f"; W&B {rec['wandb']}" if rec.get("wandb") else ""))
+        elif args.command in ("promote", "rollback"):
+            res = (reg.promote(root, args.name, args.version, args.alias, args.wandb)
+                   if args.command == "promote" else
+                   reg.rollback(root, args.name, args.alias, args.wandb))
+            print(f"{res['name']}@{res['alias']}: "
+                  + (f"v{res['from']} -> " if res["from"] else "")
+                  + f"v{res['to']}" + ("" if res["changed"] else " (unchanged)")
+                  + (f"; W&B {res['wandb']}" if "wandb" in res else ""))
+        elif args.command == "list":
+            recs = reg.versions(root, args.name)
+            print(reg.table(recs).rstrip() if recs else f"no models registered in {root}")
+        else:
+            print(json.dumps(reg.show(root, args.ref), indent=2))
+    except _errors() as e:
+        _fail(e)

@@ -131,6 +131,7 @@ class Window:
     input: np.ndarray  # object (str or None)
     env: np.ndarray  # object (str or None)
     pred: np.ndarray
+    pred_name: np.ndarray  # str
     confidence: np.ndarray
     margin: np.ndarray
     entropy: np.ndarray
@@ -158,7 +159,8 @@ def read(path: str | Path, *, model: str | None = None, version: str | None = No
         where.append("p.ts >= ?")
         args.append(float(since))
     sql = ("SELECT p.id, p.ts, p.version, p.stream, p.sample_id, p.input, p.env, p.pred, "
-           "p.confidence, p.margin, p.entropy, p.probs, p.proj, l.label FROM predictions p "
+           "p.pred_name, p.confidence, p.margin, p.entropy, p.probs, p.proj, l.label "
+           "FROM predictions p "
            "LEFT JOIN labels l ON l.stream = p.stream AND l.sample_id = p.sample_id"
            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY p.id DESC")
     if last is not None:
@@ -168,19 +170,19 @@ def read(path: str | Path, *, model: str | None = None, version: str | None = No
         rows = con.execute(sql, args).fetchall()[::-1]
     finally:
         con.close()
-    col = list(zip(*rows)) if rows else [[] for _ in range(14)]
-    probs = [json.loads(s) for s in col[11]]
-    proj = [json.loads(s) for s in col[12]]
+    col = list(zip(*rows)) if rows else [[] for _ in range(15)]
+    probs = [json.loads(s) for s in col[12]]
+    proj = [json.loads(s) for s in col[13]]
     return Window(
         id=np.asarray(col[0], np.int64), ts=np.asarray(col[1], np.float64),
         version=np.asarray(col[2], str), stream=np.asarray(col[3], str),
         sample_id=np.asarray(col[4], str), input=np.asarray(col[5], object),
         env=np.asarray(col[6], object), pred=np.asarray(col[7], np.int64),
-        confidence=np.asarray(col[8], np.float64), margin=np.asarray(col[9], np.float64),
-        entropy=np.asarray(col[10], np.float64),
+        pred_name=np.asarray(col[8], str), confidence=np.asarray(col[9], np.float64),
+        margin=np.asarray(col[10], np.float64), entropy=np.asarray(col[11], np.float64),
         probs=np.asarray(probs, np.float64).reshape(len(rows), -1 if rows else 0),
         proj=np.asarray(proj, np.float64).reshape(len(rows), -1 if rows else 0),
-        label=np.asarray([-1 if y is None else y for y in col[13]], np.int64))
+        label=np.asarray([-1 if y is None else y for y in col[14]], np.int64))
 
 
 @dataclasses.dataclass

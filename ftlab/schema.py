@@ -94,6 +94,9 @@ class DatasetConfig:
     # environments' train/val rows become the unlabeled split `adapt` (test-time adaptation).
     source_envs: Optional[List[str]] = None
     balance_envs: bool = False  # each epoch draws every environment equally (oversampling)
+    # Newly labeled samples (a CSV of sample_id,label: an annotated ftlab-select queue) move
+    # into train from the split that held them; test samples are refused (ftlab/data/labeled.py).
+    extra_train: Optional[str] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
-from ftlab.data import duplicates, sources, splits
+from ftlab.data import duplicates, labeled, sources, splits
 from ftlab.data.examples import Examples
 from ftlab.data.grouped import grouped_split
 from ftlab.data.leakage import LeakReport
@@ -73,6 +73,10 @@ def load_split(cfg: DatasetConfig) -> Split:
     leaks = duplicates.leak_report(ex, parts, exact, near, cfg.near_distance)
     if cfg.source_envs is not None:
         parts = source_split(ex, parts, cfg)
+    if cfg.extra_train is not None:  # annotated samples join train; test ones are refused
+        ex, parts = labeled.merge(ex, parts, cfg.extra_train)
+        leaks = duplicates.leak_report(ex, {s: parts[s] for s in ("train", "val", "test")},
+                                       exact, near, cfg.near_distance)
     elif cfg.balance_envs and cfg.env is None:
         raise ConfigError("dataset.balance_envs", "needs dataset.env (the environment column)")
     return Split(ex, parts, leaks)
