@@ -117,29 +117,6 @@ def check(app: PredictAppConfig) -> None:
                                         f"folder of images or a table ({', '.join(TABLES)})")
 
 
-def locate(ref: str, root: str) -> tuple[Path, str, str]:
-    """(model dir, model name, version) of `model=`: the registry's answer when
-    ftlab.registry exists; a run dir works without it."""
-    try:
-        from ftlab.registry import locate as registry_locate
-    except ModuleNotFoundError as e:
-        if e.name != "ftlab.registry":
-            raise
-        registry_locate = None
-    if registry_locate is not None:
-        model_dir, name, version = registry_locate(ref, root)
-    elif Path(ref).is_dir():
-        model_dir, name, version = Path(ref), str(ref), "run"
-    else:
-        raise ConfigError("model", f"{ref} is not a directory; give a run dir "
-                                   "(runs/<name>/<overrides>)")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.yaml").exists():
-        raise ConfigError("model", f"{model_dir} has no config.yaml; give the run dir "
-                                   "ftlab-train printed or a registered name[@alias|:version]")
-    return model_dir, str(name), str(version)
-
-
 def _specs_and_classes(model_dir: Path) -> tuple[list | None, list[str]]:
     """The dir's fitted task specs (tasks.json) and primary class names, without its data."""
     from ftlab.runs import _class_names
@@ -282,6 +259,7 @@ def run_app(app: PredictAppConfig) -> dict:
     from ftlab.runs import load_config, load_model
     t0 = time.perf_counter()
     check(app)
+    from ftlab.registry import locate
     model_dir, name, version = locate(app.model, app.registry)
     cfg = load_config(model_dir)
     specs, classes = _specs_and_classes(model_dir)

@@ -125,7 +125,7 @@ def run_app(app: RetrainAppConfig) -> dict:
     """Retrain `app.model` on its baseline's data plus `app.labels`; register, compare, gate."""
     from ftlab import registry, train
     from ftlab.predict import write_reference
-    from ftlab.runs import load_config
+    from ftlab.runs import _class_names, load_config
     check(app.gate)
     if any(c in app.model for c in "@:/"):
         raise ConfigError("model", f"'{app.model}' should be a registered model's name; the "
@@ -134,13 +134,16 @@ def run_app(app: RetrainAppConfig) -> dict:
     cfg = load_config(base_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(app.out) if app.out else Path("runs") / cfg.name / "retrain" / stamp
-    classes = load_split(dataclasses.replace(cfg.dataset, extra_train=None)).examples.class_names
-    merged = merged_labels(cfg.dataset.extra_train, app.labels, list(classes),
+    classes = _class_names(base_dir)
+    if classes is None:
+        raise ConfigError("model", f"{base_dir} has no data_summary.json (its class list); "
+                                   "register a run ftlab-train finished")
+    n_new = len(labeled.read(app.labels, classes)[0])
+    merged = merged_labels(cfg.dataset.extra_train, app.labels, classes,
                            out.absolute() / "labels.csv")
     cand_cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(
         cfg.dataset, extra_train=str(merged)))
     load_split(cand_cfg.dataset)  # refuses test rows and unknown ids before training
-    n_new = len(labeled.read(app.labels, list(classes))[0])
     log.info("retraining %s (baseline v%s) with %d new labels (%s)", name, base_version,
              n_new, merged)
     t0 = time.perf_counter()
