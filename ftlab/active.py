@@ -112,7 +112,7 @@ def run_app(app: SelectAppConfig) -> dict:
         raise ConfigError("n", f"{app.n} < 1; give how many samples to select")
     log = log_path(app.log, app.registry)
     from ftlab.registry import locate
-    _, name, version = locate(app.model, app.registry)
+    _, name, version = locate(app.ref, app.registry)
     win = read_window(log, name, version, stream=app.stream)
     eligible = len(candidates(win, app.include_labeled))
     if not eligible:
@@ -140,5 +140,5 @@ def summary(res: dict) -> str:
     lines += ["  first in the queue (score): " + ", ".join(f"{s} ({v:.3f})"
                                                         for s, v in res["top"]),
               (f"queue: {res['out']} (fill its label column, then ftlab-retrain "
-               f"model={name} labels={res['out']})")]
+               f"ref={name} labels={res['out']})")]
     return "\n".join(lines)

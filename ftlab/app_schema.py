@@ -95,7 +95,7 @@ class QuantizeAppConfig:
 class PredictAppConfig:
     """`ftlab-predict`: a registered model version (or a run dir) over a dataset split or a
     folder / CSV of new inputs, appending one row per input to the prediction log."""
-    model: str = "???"  # a run dir, or a registry ref: <name> (its production), <name>@<alias>, <name>:<version>
+    ref: str = "???"  # a run dir, or a registry ref: <name> (its production), <name>@<alias>, <name>:<version>
     registry: str = "registry"  # the registry root (ftlab-registry --root)
     log: Optional[str] = None  # the prediction log (SQLite); None: <registry>/predictions.db
     dataset: Optional[DatasetConfig] = None  # a dataset config (its split `split`) ...
@@ -126,21 +126,21 @@ class DriftThresholds:
 class MonitorAppConfig:
     """`ftlab-monitor`: a window of the prediction log against the model's reference (its
     validation split, recorded at registration); exit status 1 when drift is flagged."""
-    model: str = "???"  # registry ref or run dir whose rows (and reference) are compared
+    ref: str = "???"  # registry ref or run dir whose rows (and reference) are compared
     registry: str = "registry"
     log: Optional[str] = None  # None: <registry>/predictions.db
     stream: Optional[str] = None  # only this stream's rows; None: every stream of the model
     last: Optional[int] = None  # the newest N rows of the window; None: all
     since: Optional[str] = None  # ISO time: rows logged at or after it
     thresholds: DriftThresholds = field(default_factory=DriftThresholds)
-    out: Optional[str] = None  # None: <log dir>/monitor/<model>-<time>
+    out: Optional[str] = None  # None: <log dir>/monitor/<ref>-<time>
 
 
 @dataclass
 class SelectAppConfig:
     """`ftlab-select`: the N logged inputs to label next (active learning), as a CSV for
     annotators."""
-    model: str = "???"
+    ref: str = "???"  # registry ref or run dir whose logged rows are ranked
     registry: str = "registry"
     log: Optional[str] = None
     stream: Optional[str] = None
@@ -170,7 +170,7 @@ class RetrainAppConfig:
     """`ftlab-retrain`: newly labeled samples join production's training data; a candidate is
     fine-tuned with production's exact config, registered, compared with production on the
     same held-out rows, and promoted only if it passes the gate."""
-    model: str = "???"  # the registered model's name; its `baseline` alias is the reference
+    ref: str = "???"  # the registered model's name; its `baseline` alias is the reference
     baseline: str = "production"
     registry: str = "registry"
     labels: str = "???"  # annotated CSV (sample_id,label): ftlab-select's queue, label filled

@@ -256,7 +256,7 @@ def aggregate(argv: list[str] | None = None) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def predict(cfg: DictConfig) -> None:
-    """`ftlab-predict model=<run dir | name[@alias|:version]> dataset=... split=...` or
+    """`ftlab-predict ref=<run dir | name[@alias|:version]> dataset=... split=...` or
     `inputs=<folder | csv>`: appends one row per input to the prediction log."""
     from ftlab.predict import run_app, summary
 
@@ -270,7 +270,7 @@ def predict(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="monitor")
 def monitor(cfg: DictConfig) -> None:
-    """`ftlab-monitor model=<ref> [stream=...] [last=N]`: drift of a window of the prediction
+    """`ftlab-monitor ref=<ref> [stream=...] [last=N]`: drift of a window of the prediction
     log against the model's reference; exit status 1 when drift is flagged, 0 when not."""
     from ftlab.monitor import run_app, summary
 
@@ -284,7 +284,7 @@ def monitor(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select")
 def select(cfg: DictConfig) -> None:
-    """`ftlab-select model=<ref> n=50 strategy=margin [diversity=true] out=queue.csv`: the
+    """`ftlab-select ref=<ref> n=50 strategy=margin [diversity=true] out=queue.csv`: the
     logged inputs to label next."""
     from ftlab.active import run_app, summary
 

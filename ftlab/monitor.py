@@ -68,7 +68,7 @@ def read_window(log: Path, model: str, version: str, *, stream: str | None = Non
         con.close()
     if not streams:
         known = ", ".join(f"{m} v{v} ({n} rows)" for m, v, n in models) or "none"
-        raise ConfigError("model", f"{log} has no rows of {model} version {version}; run "
+        raise ConfigError("ref", f"{log} has no rows of {model} version {version}; run "
                                    f"ftlab-predict with it first (logged: {known})")
     if stream is not None and stream not in streams:
         raise ConfigError("stream", f"{model} v{version} has no rows of stream '{stream}'; "
@@ -105,16 +105,16 @@ def run_app(app: MonitorAppConfig) -> dict:
     since = parse_since(app.since)
     log = log_path(app.log, app.registry)
     from ftlab.registry import locate
-    model_dir, name, version = locate(app.model, app.registry)
+    model_dir, name, version = locate(app.ref, app.registry)
     ref_path = Path(model_dir) / "reference.npz"
     if not ref_path.is_file():
-        raise ConfigError("model", f"{model_dir} has no reference.npz; run ftlab-predict "
-                                   f"model={app.model} (it records the reference) or register "
+        raise ConfigError("ref", f"{model_dir} has no reference.npz; run ftlab-predict "
+                                   f"ref={app.ref} (it records the reference) or register "
                                    "the model with ftlab-registry register")
     ref = predlog.load_reference(ref_path)
     win = read_window(log, name, version, stream=app.stream, since=since, last=app.last)
     if win.proj.shape[1] != ref.proj.shape[1]:
-        raise ConfigError("model", f"the logged rows have {win.proj.shape[1]} embedding "
+        raise ConfigError("ref", f"the logged rows have {win.proj.shape[1]} embedding "
                                    f"projections, {ref_path} has {ref.proj.shape[1]}: the "
                                    "reference was rewritten; log the window again with "
                                    "ftlab-predict")

@@ -123,7 +123,7 @@ def _specs_and_classes(model_dir: Path) -> tuple[list | None, list[str]]:
     specs = tasks.load(model_dir / "tasks.json")
     classes = list(specs[0].classes) if specs else _class_names(model_dir)
     if classes is None:
-        raise ConfigError("model", f"{model_dir} has neither tasks.json nor "
+        raise ConfigError("ref", f"{model_dir} has neither tasks.json nor "
                                    "data_summary.json; it is not a finished ftlab run")
     return specs, classes
 
@@ -254,13 +254,13 @@ def _reference(model_dir: Path, checkpoint: str, model) -> predlog.Reference:
 
 
 def run_app(app: PredictAppConfig) -> dict:
-    """Score `app.dataset`'s split or `app.inputs` with `app.model` and append the rows to
+    """Score `app.dataset`'s split or `app.inputs` with `app.ref` and append the rows to
     the prediction log (with the dataset's labels when `app.labels`)."""
     from ftlab.runs import load_config, load_model
     t0 = time.perf_counter()
     check(app)
     from ftlab.registry import locate
-    model_dir, name, version = locate(app.model, app.registry)
+    model_dir, name, version = locate(app.ref, app.registry)
     cfg = load_config(model_dir)
     specs, classes = _specs_and_classes(model_dir)
     if app.dataset is not None:
@@ -274,11 +274,11 @@ def run_app(app: PredictAppConfig) -> dict:
     model, _ = load_model(cfg, model_dir, len(classes), app.checkpoint, specs)
     ref = _reference(model_dir, app.checkpoint, model)
     if ref.class_names != classes:
-        raise ConfigError("model", f"{model_dir / REFERENCE} has classes {ref.class_names}, "
+        raise ConfigError("ref", f"{model_dir / REFERENCE} has classes {ref.class_names}, "
                                    f"the model {classes}; delete it to rewrite it")
     probs, emb = model_outputs(model, got.data, app.batch_size, specs)
     if ref.mean.shape != emb.shape[1:]:
-        raise ConfigError("model", f"{model_dir / REFERENCE} is of {ref.mean.shape[0]}-dim "
+        raise ConfigError("ref", f"{model_dir / REFERENCE} is of {ref.mean.shape[0]}-dim "
                                    f"embeddings, the model's are {emb.shape[1]}-dim; delete "
                                    "it to rewrite it")
     log_path = Path(app.log) if app.log else Path(app.registry) / "predictions.db"

@@ -134,7 +134,7 @@ def version_dir(root, name: str, version: int) -> Path:
 
 # --- resolving references -----------------------------------------------------------------
 
-def _resolve(con, ref: str, key: str = "model") -> tuple[str, int]:
+def _resolve(con, ref: str, key: str = "ref") -> tuple[str, int]:
     """(name, version) of `name`, `name@alias` or `name:N`; errors list what exists."""
     m = REF.fullmatch(ref)
     if m is None:
@@ -145,7 +145,7 @@ def _resolve(con, ref: str, key: str = "model") -> tuple[str, int]:
     if name not in names:
         where = (f"registered: {', '.join(names)}" if names else "the registry is empty: "
                  "register a run with `ftlab-registry register RUN_DIR`")
-        what = "neither a run dir nor a registered model" if key == "model" else \
+        what = "neither a run dir nor a registered model" if key == "ref" else \
             "not a registered model"
         raise ConfigError(key, f"'{name}' is {what} ({where})")
     numbers = _numbers(con, name)
@@ -165,14 +165,14 @@ def _resolve(con, ref: str, key: str = "model") -> tuple[str, int]:
 
 
 def locate(ref: str, root=None) -> tuple[Path, str, str]:
-    """(model dir, model name, version) of a user's `model=` value: a run dir (version
+    """(model dir, model name, version) of a user's `ref=` value: a run dir (version
     "run"), or a registry ref `name` (its production version), `name@alias`, `name:N`."""
     ref = str(ref)
     path = Path(ref)
     if path.is_dir() and (path / "config.yaml").exists():
         return path, str(path), "run"
     if "/" in ref or os.sep in ref:
-        raise ConfigError("model", f"{ref} is not a run dir (no config.yaml there); give "
+        raise ConfigError("ref", f"{ref} is not a run dir (no config.yaml there); give "
                                    "the dir ftlab-train printed, or a registry ref "
                                    "<name>[@alias|:version]")
     root = _root(root)
@@ -180,7 +180,7 @@ def locate(ref: str, root=None) -> tuple[Path, str, str]:
         name, version = _resolve(con, ref)
     vdir = version_dir(root, name, version)
     if not (vdir / "config.yaml").exists():
-        raise ConfigError("model", f"{name}:{version} is registered but {vdir} is missing; "
+        raise ConfigError("ref", f"{name}:{version} is registered but {vdir} is missing; "
                                    f"was {root} moved or edited by hand?")
     return vdir, name, str(version)
 

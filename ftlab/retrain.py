@@ -122,21 +122,21 @@ def compare(base_dir: Path, cand_dir: Path, gate: GateConfig, env_col: str | Non
 
 
 def run_app(app: RetrainAppConfig) -> dict:
-    """Retrain `app.model` on its baseline's data plus `app.labels`; register, compare, gate."""
+    """Retrain `app.ref` on its baseline's data plus `app.labels`; register, compare, gate."""
     from ftlab import registry, train
     from ftlab.predict import write_reference
     from ftlab.runs import _class_names, load_config
     check(app.gate)
-    if any(c in app.model for c in "@:/"):
-        raise ConfigError("model", f"'{app.model}' should be a registered model's name; the "
+    if any(c in app.ref for c in "@:/"):
+        raise ConfigError("ref", f"'{app.ref}' should be a registered model's name; the "
                                    f"baseline alias is `baseline` ({app.baseline})")
-    base_dir, name, base_version = registry.locate(f"{app.model}@{app.baseline}", app.registry)
+    base_dir, name, base_version = registry.locate(f"{app.ref}@{app.baseline}", app.registry)
     cfg = load_config(base_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(app.out) if app.out else Path("runs") / cfg.name / "retrain" / stamp
     classes = _class_names(base_dir)
     if classes is None:
-        raise ConfigError("model", f"{base_dir} has no data_summary.json (its class list); "
+        raise ConfigError("ref", f"{base_dir} has no data_summary.json (its class list); "
                                    "register a run ftlab-train finished")
     n_new = len(labeled.read(app.labels, classes)[0])
     merged = merged_labels(cfg.dataset.extra_train, app.labels, classes,

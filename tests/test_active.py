@@ -94,7 +94,7 @@ def test_run_app_writes_the_csv(tmp_path):
     predlog.append(log, model=str(model.resolve()), version="run", stream="s2",
                    class_names=CLASSES, sample_ids=["a", "b", "c"], probs=PROBS[:3],
                    proj=np.zeros((3, 2)))
-    app = SelectAppConfig(model=str(model.resolve()), log=str(log), n=2, strategy="entropy",
+    app = SelectAppConfig(ref=str(model.resolve()), log=str(log), n=2, strategy="entropy",
                           out=str(out), registry=str(tmp_path / "reg"))
     res = active.run_app(app)
     with open(out, newline="") as f:
@@ -115,8 +115,8 @@ def test_run_app_writes_the_csv(tmp_path):
 def test_select_config_composes():
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose("select", overrides=["n=7", "strategy=entropy"])
-    with pytest.raises(ConfigError, match="^model: is required"):
+    with pytest.raises(ConfigError, match="^ref: is required"):
         from_omegaconf(cfg)
-    cfg.model = "m"
+    cfg.ref = "m"
     app = from_omegaconf(cfg)
     assert isinstance(app, SelectAppConfig) and app.n == 7 and app.strategy == "entropy"

@@ -1,14 +1,12 @@
 """Drift statistics and `ftlab-monitor` on toy logs: a shifted stream is flagged, unshifted
 ones are not; accuracy only with labels; small windows never; exit status 1 on drift."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF_DIR
 from scipy.special import softmax
 
 from ftlab import drift, monitor, predlog
@@ -133,7 +131,7 @@ def test_small_window_reported_never_flagged(setup):
 
 
 def app(setup, **kw):
-    return MonitorAppConfig(**{"model": str(setup["model"]), "log": str(setup["log"]),
+    return MonitorAppConfig(**{"ref": str(setup["model"]), "log": str(setup["log"]),
                                "registry": str(setup["tmp"] / "reg"), **kw})
 
 
@@ -158,31 +156,27 @@ def test_run_app_writes_report(setup, tmp_path):
     ({"stream": "nope"}, "stream"),
     ({"last": 0}, "last"),
     ({"log": "missing.db"}, "log"),
-    ({"model": "elsewhere"}, "model"),
+    ({"ref": "elsewhere"}, "ref"),
     ({"thresholds": DriftThresholds(pvalue=2.0)}, "thresholds.pvalue"),
 ])
 def test_bad_input_is_a_config_error(setup, kw, key):
-    if "model" in kw:
-        kw["model"] = str(setup["tmp"] / kw["model"])  # a run dir with no reference.npz
-        Path(kw["model"]).mkdir(exist_ok=True)
-        (Path(kw["model"]) / "config.yaml").touch()
+    if "ref" in kw:
+        kw["ref"] = str(setup["tmp"] / kw["ref"])  # a run dir with no reference.npz
+        Path(kw["ref"]).mkdir(exist_ok=True)
+        (Path(kw["ref"]) / "config.yaml").touch()
     with pytest.raises(ConfigError) as e:
         monitor.run_app(app(setup, **kw))
     assert e.value.key == key and "\n" not in str(e.value)
-    if "model" in kw:
+    if "ref" in kw:
         assert "no reference.npz; run ftlab-predict" in str(e.value)
 
 
 def test_cli_exit_status(setup, tmp_path):
-    """1 on drift, 0 without, 2 with one line on a bad value. Runs with a copy of
-    conf/monitor.yaml as the config dir: conf/ has a `model` group, so Hydra reads
-    `model=<ref>` as a group choice there (see test_model_override_composes)."""
-    conf = tmp_path / "conf"
-    conf.mkdir()
-    shutil.copy(Path(CONF_DIR) / "monitor.yaml", conf)
+    """1 on drift, 0 without, 2 with one line on a bad value; `ref=` composes with the real
+    conf/ (which also has a `model` config group)."""
     exe = Path(sys.executable).parent / "ftlab-monitor"
-    base = [str(exe), "--config-path", str(conf), f"model={setup['model']}",
-            f"log={setup['log']}", f"registry={tmp_path / 'reg'}"]
+    base = [str(exe), f"ref={setup['model']}", f"log={setup['log']}",
+            f"registry={tmp_path / 'reg'}"]
 
     def run(*args):
         return subprocess.run(base + list(args), capture_output=True, text=True, timeout=120,
@@ -197,15 +191,3 @@ def test_cli_exit_status(setup, tmp_path):
     r = run("stream=shifted", "since=not-a-time")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: since:")
     assert len(r.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.xfail(strict=True, reason="conf/model/ is a config group: Hydra takes `model=` "
-                                       "for a group choice; the app configs need another dir "
-                                       "or another key name")
-def test_model_override_composes():
-    from hydra import compose, initialize_config_dir
-
-    from ftlab.schema import from_omegaconf
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = from_omegaconf(compose("monitor", overrides=["model=elpv@production"]))
-    assert cfg.model == "elpv@production"

@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
 
 def _app(run_dir, log, **kw):
     dataset = load_config(run_dir).dataset if "inputs" not in kw else None
-    return PredictAppConfig(model=str(run_dir), log=str(log), dataset=dataset, **kw)
+    return PredictAppConfig(ref=str(run_dir), log=str(log), dataset=dataset, **kw)
 
 
 def test_logged_split_equals_the_evaluation(tiny, tmp_path):
@@ -106,7 +106,7 @@ def test_registered_version_predicts_with_its_own_reference(tiny, tmp_path):
     run_dir, _ = tiny
     root = tmp_path / "reg"
     registry.register(root, run_dir, "tiny", ["production"], reference_fn=write_reference)
-    res = run_app(PredictAppConfig(model="tiny@production", registry=str(root),
+    res = run_app(PredictAppConfig(ref="tiny@production", registry=str(root),
                                    dataset=load_config(run_dir).dataset, split="val"))
     rows = predlog.read(root / "predictions.db")  # the default log: <registry>/predictions.db
     ref = predlog.load_reference(registry.version_dir(root, "tiny", 1) / "reference.npz")
@@ -143,14 +143,14 @@ def test_text_csv_is_tokenized_with_the_models_tokenizer_and_length(tmp_path):
     (tmp_path / "new.csv").write_text("id,body\n7,Solar cell cracks\n9,cell\n")
     cfg = compose_cfg("experiment=digits_tiny", f"model.tokenizer={tmp_path / 'vocab.txt'}",
                       "dataset.max_length=8")
-    got = new_inputs(PredictAppConfig(model="m", inputs=str(tmp_path / "new.csv"),
+    got = new_inputs(PredictAppConfig(ref="m", inputs=str(tmp_path / "new.csv"),
                                       input_column="body"), cfg)
     assert got.ids == ["7", "9"] and got.inputs == ["Solar cell cracks", "cell"]
     assert got.data.arrays["input_ids"].tolist() == [[2, 5, 6, 7, 8, 3, 0, 0],
                                                      [2, 6, 3, 0, 0, 0, 0, 0]]
     # digits' model reads pixel tokens: new text has no tokenizer to go through.
     with pytest.raises(ConfigError) as e:
-        new_inputs(PredictAppConfig(model="m", inputs=str(tmp_path / "new.csv"),
+        new_inputs(PredictAppConfig(ref="m", inputs=str(tmp_path / "new.csv"),
                                     input_column="body"), compose_cfg("experiment=digits_tiny"))
     assert e.value.key == "inputs"
 
@@ -159,9 +159,8 @@ def test_predict_yaml_composes_and_forces_the_models_image_size(tiny, tmp_path):
     run_dir, root = tiny
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose("predict", overrides=["dataset=folder", f"dataset.path={root}",
-                                            "split=val", f"log={tmp_path / 'p.db'}", "limit=3"])
-    # `model=...` on a command line selects the config group conf/model/ instead (reported).
-    cfg.model = str(run_dir)
+                                            "split=val", f"log={tmp_path / 'p.db'}", "limit=3",
+                                            f"ref={run_dir}"])
     app = from_omegaconf(cfg)
     assert app.dataset.image_size == 128  # folder.yaml's; the run used 16
     res = run_app(app)
@@ -171,7 +170,7 @@ def test_predict_yaml_composes_and_forces_the_models_image_size(tiny, tmp_path):
 @pytest.mark.parametrize("kw, key", [
     ({"dataset": False}, "dataset"),  # neither dataset nor inputs
     ({"inputs": "empty"}, "dataset"),  # both
-    ({"model": "nowhere/run"}, "model"),
+    ({"ref": "nowhere/run"}, "ref"),
     ({"split": "holdout"}, "split"),
     ({"split": "adapt"}, "split"),  # a split name this dataset does not have
     ({"dataset": False, "inputs": "empty"}, "inputs"),
@@ -185,7 +184,7 @@ def test_bad_inputs_name_the_key_before_loading_a_model(tiny, tmp_path, monkeypa
     (tmp_path / "empty").mkdir()
     (tmp_path / "in.csv").write_text("a,b\n1,2\n")
     (tmp_path / "ok.csv").write_text("path\nx.png\n")
-    kw = {"model": str(run_dir), "log": str(tmp_path / "p.db"), **kw}
+    kw = {"ref": str(run_dir), "log": str(tmp_path / "p.db"), **kw}
     kw["dataset"] = load_config(run_dir).dataset if kw.pop("dataset", True) else None
     if "inputs" in kw:
         kw["inputs"] = str(tmp_path / kw["inputs"])

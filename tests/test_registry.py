@@ -155,7 +155,7 @@ def test_bad_refs_and_unfinished_runs_fail_in_one_line(tmp_path, capsys):
     root = tmp_path / "reg"
     with pytest.raises(ConfigError, match="registry is empty") as e:
         reg.locate("toy", root)
-    assert e.value.key == "model" and not root.exists()  # readers create nothing
+    assert e.value.key == "ref" and not root.exists()  # readers create nothing
     unfinished = fake_run(tmp_path / "unfinished")
     (unfinished / "results.json").unlink()
     with pytest.raises(ConfigError, match="has no results.json: the run has not finished"):
