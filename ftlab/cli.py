@@ -13,7 +13,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from ftlab.app_schema import (AdaptAppConfig, CombineAppConfig, EvalAppConfig, MonitorAppConfig,
-                              PredictAppConfig, QuantizeAppConfig, SelectAppConfig)
+                              PredictAppConfig, QuantizeAppConfig, RetrainAppConfig,
+                              SelectAppConfig)
 from ftlab.schema import Config, ConfigError, from_omegaconf
 
 ConfigStore.instance().store(name="ftlab_config", node=Config)
@@ -24,6 +25,7 @@ ConfigStore.instance().store(name="ftlab_quantize_config", node=QuantizeAppConfi
 ConfigStore.instance().store(name="ftlab_predict_config", node=PredictAppConfig)
 ConfigStore.instance().store(name="ftlab_monitor_config", node=MonitorAppConfig)
 ConfigStore.instance().store(name="ftlab_select_config", node=SelectAppConfig)
+ConfigStore.instance().store(name="ftlab_retrain_config", node=RetrainAppConfig)
 def run_dirname(overrides: str) -> str:
     """The run dir's name from its overrides; list brackets become parentheses, since
     TensorStore (Orbax) cannot read a checkpoint under a path with '[' or ']'."""
@@ -293,6 +295,22 @@ def select(cfg: DictConfig) -> None:
     except _errors() as e:
         _fail(e)
     print(summary(res))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
+def retrain(cfg: DictConfig) -> None:
+    """`ftlab-retrain ref=<name> labels=<annotated csv> [gate.margin=...]`: a candidate
+    fine-tuned with production's config plus the new labels, promoted only if it passes the
+    gate. Exit status 0 when promoted, 1 when production was kept, 2 on a config error."""
+    from ftlab.retrain import run_app, summary
+
+    _setup_jax()
+    try:
+        res = run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(summary(res))
+    sys.exit(0 if res.get("promoted") or res.get("halted") else 1)
 
 
 def registry(argv: list[str] | None = None) -> None:

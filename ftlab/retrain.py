@@ -1,7 +1,8 @@
 """The retraining pipeline: labels in, a gated candidate out.
 
-1. The annotated CSV joins the labels production was trained with (`dataset.extra_train`,
-   cumulative over retrains); test rows are refused before anything trains.
+1. The annotated CSV joins every label received so far for this model name
+   (`<registry>/<name>/labels.csv`, kept whether or not a candidate was promoted) and
+   production's own `dataset.extra_train`; test rows are refused before anything trains.
 2. A candidate is fine-tuned with production's exact config (only `dataset.extra_train`
    differs), registered with production as its parent and the `candidate` alias.
 3. Both models score the same held-out rows (the gate's split, optionally one environment);
@@ -16,6 +17,7 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -41,18 +43,23 @@ def check(gate: GateConfig) -> None:
                                         "rows neither model trained on)")
 
 
-def merged_labels(previous: str | None, new: str, class_names: list[str], out: Path) -> Path:
-    """One CSV with every label so far: production's own extra_train rows, then the new
-    ones (a sample labeled again takes its new label)."""
+POOL = "labels.csv"  # <registry>/<name>/labels.csv: every label received for that model
+
+
+def merged_labels(previous: list, new: str, class_names: list[str], out: Path) -> Path:
+    """One CSV with every label so far: the `previous` CSVs (those that exist) in order, then
+    the new ones (a sample labeled again takes its latest label). Written atomically."""
     rows: dict[str, str] = {}
-    for path in ([previous] if previous else []) + [new]:
+    for path in [p for p in previous if p and Path(p).is_file()] + [new]:
         ids, ys = labeled.read(path, class_names)
         rows.update({s: class_names[y] for s, y in zip(ids, ys)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sample_id", "label"])
         w.writerows(rows.items())
+    tmp.replace(out)
     return out
 
 
@@ -73,7 +80,8 @@ def decide(gate: GateConfig, base: dict, cand: dict, test: dict) -> tuple[bool, 
         return False, (f"candidate {m} {cand[m]:.4f} vs baseline {base[m]:.4f} "
                        f"({delta:+.4f}) does not beat it by the margin {gate.margin}")
     if gate.require_significance and test["p_value"] >= gate.alpha:
-        return False, (f"candidate {m} is {delta:+.4f} better, but McNemar p = "
+        return False, (f"candidate {m} {cand[m]:.4f} vs baseline {base[m]:.4f} is "
+                       f"{delta:+.4f} better, but McNemar p = "
                        f"{test['p_value']:.3g} >= alpha {gate.alpha}: could be chance")
     return True, (f"candidate {m} {cand[m]:.4f} vs baseline {base[m]:.4f} ({delta:+.4f} >= "
                   f"margin {gate.margin}; McNemar p = {test['p_value']:.3g})")
@@ -139,11 +147,14 @@ def run_app(app: RetrainAppConfig) -> dict:
         raise ConfigError("ref", f"{base_dir} has no data_summary.json (its class list); "
                                    "register a run ftlab-train finished")
     n_new = len(labeled.read(app.labels, classes)[0])
-    merged = merged_labels(cfg.dataset.extra_train, app.labels, classes,
+    pool = Path(app.registry).absolute() / name / POOL
+    merged = merged_labels([pool, cfg.dataset.extra_train], app.labels, classes,
                            out.absolute() / "labels.csv")
     cand_cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(
         cfg.dataset, extra_train=str(merged)))
     load_split(cand_cfg.dataset)  # refuses test rows and unknown ids before training
+    shutil.copyfile(merged, pool.with_name(POOL + ".tmp"))  # the labels are kept, whatever
+    pool.with_name(POOL + ".tmp").replace(pool)  # the gate decides about the candidate
     log.info("retraining %s (baseline v%s) with %d new labels (%s)", name, base_version,
              n_new, merged)
     t0 = time.perf_counter()
@@ -161,7 +172,8 @@ def run_app(app: RetrainAppConfig) -> dict:
     if promoted:
         registry.promote(app.registry, name, int(cand_version), app.baseline)
     res = {"model": name, "baseline_version": base_version, "candidate_version": cand_version,
-           "new_labels": n_new, "labels": str(merged), "gate": dataclasses.asdict(app.gate),
+           "new_labels": n_new, "labels": str(merged), "total_labels": len(
+               labeled.read(merged, classes)[0]), "gate": dataclasses.asdict(app.gate),
            "passed": ok, "promoted": promoted, "reason": why, "compare": cmp,
            "train_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
     (out / "retrain.json").write_text(json.dumps(res, indent=2))
@@ -174,7 +186,8 @@ def report(res: dict) -> str:
     where = f"{g['split']} split" + (f", {g['env']} rows" if g["env"] else "")
     lines = [f"# Retraining {res['model']}: v{res['candidate_version']} vs "
              f"v{res['baseline_version']}", "",
-             f"{res['new_labels']} new labels ({res['labels']}); same config otherwise.", "",
+             f"{res['new_labels']} new labels, {res['total_labels']} in all ({res['labels']}); "
+             "the baseline's config otherwise.", "",
              f"Scored on the same {c['n']} held-out rows ({where}).", "",
              "| model | accuracy | macro-F1 |" + "".join(
                  f" {e} accuracy |" for e in c["baseline"].get("by_env", {})),
