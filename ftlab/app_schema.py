@@ -100,6 +100,7 @@ class PredictAppConfig:
     log: Optional[str] = None  # the prediction log (SQLite); None: <registry>/predictions.db
     dataset: Optional[DatasetConfig] = None  # a dataset config (its split `split`) ...
     split: str = "test"  # train | val | test | adapt | all
+    env: Optional[str] = None  # only the split's rows of this environment (dataset.env value)
     inputs: Optional[str] = None  # ... or a folder of images / a CSV of texts or image paths
     input_column: Optional[str] = None  # the CSV's text / path column; None: the model's kind
     id_column: Optional[str] = None  # the CSV's id column; None: the row's path / number

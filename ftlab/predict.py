@@ -107,6 +107,8 @@ def check(app: PredictAppConfig) -> None:
         raise ConfigError("batch_size", "must be >= 1")
     if app.limit is not None and app.limit < 1:
         raise ConfigError("limit", "must be >= 1, or null for every input")
+    if app.env is not None and app.dataset is None:
+        raise ConfigError("env", "filters a dataset's rows by environment; give dataset=...")
     if app.inputs is not None:
         path = Path(app.inputs)
         if not path.exists():
@@ -135,20 +137,32 @@ def dataset_inputs(app: PredictAppConfig, cfg: Config, model_dir: Path) -> Input
     dcfg = dataclasses.replace(app.dataset, image_size=cfg.dataset.image_size,
                                max_length=cfg.dataset.max_length)
     src = open_split(cfg, model_dir, dcfg, app.split, keep=(app.split,))
-    rows = src.rows[app.split][:app.limit]
-    n = len(rows)
-    data = ArrayData({k: v[:n] for k, v in src.data.parts[app.split].arrays.items()})
+    keep = np.arange(len(src.rows[app.split]))
+    envs = None if dcfg.env is None else \
+        np.asarray(src.columns[dcfg.env])[src.rows[app.split]].astype(str)
+    if app.env is not None:
+        if envs is None:
+            raise ConfigError("env", f"dataset '{dcfg.name}' has no environment column; set "
+                                     "dataset.env=<column> or drop env=")
+        if app.env not in set(envs):
+            raise ConfigError("env", f"'{app.env}' is not a {dcfg.env} value of split "
+                                     f"'{app.split}'; values: {', '.join(sorted(set(envs)))}")
+        keep = np.flatnonzero(envs == app.env)
+    keep = keep[:app.limit]
+    rows = src.rows[app.split][keep]
+    data = ArrayData({k: v[keep] for k, v in src.data.parts[app.split].arrays.items()})
+    ids = [str(i) for i in np.asarray(src.data.ids[app.split])[keep]]
     if src.texts is not None:
         shown = [src.texts[i] for i in rows]
     elif dcfg.name == "folder":
         from ftlab.models.loading import resolve_path
         root = resolve_path(dcfg.path, "dataset.path")
-        shown = [str(root / i) for i in src.data.ids[app.split][:n]]
+        shown = [str(root / i) for i in ids]
+    elif "path" in src.columns:  # e.g. ELPV's image files, for annotators to open
+        shown = [str(v) for v in np.asarray(src.columns["path"])[rows]]
     else:
         shown = None
-    envs = None if dcfg.env is None else \
-        [str(v) for v in np.asarray(src.columns[dcfg.env])[rows]]
-    return Inputs(data, [str(i) for i in src.data.ids[app.split][:n]], shown, envs,
+    return Inputs(data, ids, shown, None if envs is None else envs[keep].tolist(),
                   data.arrays["label"])
 
 

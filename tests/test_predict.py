@@ -177,6 +177,8 @@ def test_predict_yaml_composes_and_forces_the_models_image_size(tiny, tmp_path):
     ({"dataset": False, "inputs": "in.csv"}, "input_column"),  # no text / path column
     ({"dataset": False, "inputs": "in.csv", "input_column": "name"}, "input_column"),
     ({"dataset": False, "inputs": "ok.csv", "id_column": "nope"}, "id_column"),
+    ({"env": "poly"}, "env"),  # this folder dataset has no environment column
+    ({"dataset": False, "inputs": "ok.csv", "env": "poly"}, "env"),  # env filters datasets
 ])
 def test_bad_inputs_name_the_key_before_loading_a_model(tiny, tmp_path, monkeypatch, kw, key):
     run_dir, _ = tiny

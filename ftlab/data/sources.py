@@ -61,7 +61,9 @@ def elpv(cfg: DatasetConfig) -> Examples:
     images, probs, types = load_dataset(str(Path(root) / "labels.csv"))
     names, fn = ELPV_LABELS[label]
     ids = np.asarray([f"elpv/{i:04d}" for i in range(len(probs))])
+    paths = np.genfromtxt(Path(root) / "labels.csv", dtype=str, usecols=0)
     columns = {"defect_probability": probs.astype(np.float32), "cell_type": types,
+               "path": np.asarray([str(Path(root) / f) for f in paths]),  # for annotators
                **{k: f(probs, types) for k, (_, f) in ELPV_LABELS.items() if k != "cell_type"}}
     return Examples(ids, fn(probs, types), names,
                     arrays={"image": resize_square(images, cfg.image_size)}, columns=columns,
