@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,16 @@ import ftlab.cli  # registers the schema and resolvers  # noqa: F401
 from ftlab.schema import Config, from_omegaconf
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One persistent compilation cache for the whole session, cold at its start: a program the
+# tests compile once (a tiny model's step, its init programs) is read back by later tests and
+# by the ftlab-* subprocesses they start (which inherit the variable). Compile counts still
+# count cache hits, so the tests on them hold.
+if "FTLAB_JAX_CACHE" not in os.environ:
+    os.environ["FTLAB_JAX_CACHE"] = tempfile.mkdtemp(prefix="ftlab-test-jax-")
+    atexit.register(shutil.rmtree, os.environ["FTLAB_JAX_CACHE"], ignore_errors=True)
+if os.environ["FTLAB_JAX_CACHE"]:
+    from ftlab.compiles import enable_persistent_cache
+    enable_persistent_cache(os.environ["FTLAB_JAX_CACHE"])
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 

@@ -174,7 +174,7 @@ def test_run_compares_source_norm_and_tent_per_environment(smoke_run, tmp_path):
 
 
 BIN = Path(sys.executable).parent / "ftlab-adapt"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 def test_ftlab_adapt_cli(smoke_run, tmp_path):

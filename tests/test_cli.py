@@ -11,7 +11,7 @@ BIN = Path(sys.executable).parent / "ftlab-train"
 
 
 def ftlab_train(tmp_path, *args):
-    env = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run([str(BIN), f"hydra.run.dir={tmp_path}", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 

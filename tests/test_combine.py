@@ -148,7 +148,7 @@ def test_mismatched_manifest_is_rejected(two_runs, tmp_path):
 
 
 BIN = Path(sys.executable).parent / "ftlab-combine"
-ENV_VARS = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+ENV_VARS = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 def test_ftlab_combine_cli(two_runs, tmp_path):

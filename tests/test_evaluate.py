@@ -165,7 +165,7 @@ def test_eval_of_run_dir_reproduces_training_test_metrics(smoke_run, tmp_path):
 
 
 BIN = Path(sys.executable).parent / "ftlab-eval"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 def test_ftlab_eval_cli_on_val_split_and_bad_inputs(smoke_run, tmp_path):

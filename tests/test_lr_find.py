@@ -93,7 +93,7 @@ def test_bad_settings_name_their_key(tmp_path, override, key):
 
 
 def test_console_script(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     out = subprocess.run([str(Path(sys.executable).parent / "ftlab-lr-find"),
                           f"hydra.run.dir={tmp_path}", *FAST, "lr_find.steps=6"],
                          capture_output=True, text=True, env=env, timeout=300)

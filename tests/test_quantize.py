@@ -207,7 +207,7 @@ def test_report_written_and_linked_from_the_eval_report(quantized_run):
 
 
 BIN = Path(sys.executable).parent / "ftlab-quantize"
-ENV = {**os.environ, "WANDB_MODE": "disabled", "FTLAB_JAX_CACHE": ""}
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 def test_cli_fails_in_one_line_before_any_work(quantized_run, tmp_path):

@@ -24,8 +24,9 @@ TINY_JOB = "debug=smoke,eval.baselines=False,eval.latency=False,eval.plots=False
 
 
 def jax_cache(tmp_path_factory) -> str:
-    """One compilation cache for the session's sweeps: jobs after the first compile nothing."""
-    return str(tmp_path_factory.getbasetemp() / "jax-cache")
+    """The session's compilation cache (tests/conftest.py): jobs after the first compile
+    nothing."""
+    return os.environ["FTLAB_JAX_CACHE"]
 
 
 def multirun(cwd, cache, *args, log=None, timeout=900):
