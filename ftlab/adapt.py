@@ -350,6 +350,8 @@ def run(cfg: Config, model, src: evaluate.Source, out_dir: Path, *, split: str =
     summary, table = _write(out, ev, compare, {"pool": pool, **done}, env)
     headline = {f"adapt/{name}/{split}/{k}": e["metrics"][k] for name, e in compare.items()
                 for k in ("accuracy", "macro_f1")}
+    for name, e in compare.items():
+        headline.update(evaluate.slice_headline(e, f"adapt/{name}/{split}"))
     headline.update({f"adapt/{a.method}/entropy_before": done[a.method]["entropy_before"],
                      f"adapt/{a.method}/entropy_after": done[a.method]["entropy_after"]})
     return {"method": a.method, "split": split, "pool": pool, "out": str(out), "adapt": done,

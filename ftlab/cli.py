@@ -313,6 +313,27 @@ def retrain(cfg: DictConfig) -> None:
     sys.exit(0 if res.get("promoted") or res.get("halted") else 1)
 
 
+def results(argv: list[str] | None = None) -> None:
+    """`ftlab-results [DIRS...]`: the reproduced claims' runs under DIRS (default runs/) into
+    docs/results/claims.jsonl (their claims replaced, others kept), then docs/results.md."""
+    import argparse
+    from ftlab import results as res
+    p = argparse.ArgumentParser(prog="ftlab-results", description=results.__doc__)
+    p.add_argument("dirs", nargs="*", default=["runs"], help="dirs holding claim runs")
+    p.add_argument("--evidence", default=str(res.EVIDENCE), help="the evidence JSONL")
+    p.add_argument("--out", default=str(res.OUT), help="the markdown table")
+    p.add_argument("--include-smoke", action="store_true",
+                   help="keep debug=smoke runs (never for the published table)")
+    args = p.parse_args(argv)
+    try:
+        rows, text = res.run(args.dirs, args.evidence, args.out, args.include_smoke)
+    except _errors() as e:
+        _fail(e)
+    claims = sorted({r["claim"] for r in rows})
+    print(f"{len(rows)} runs of {len(claims)} claims ({', '.join(claims) or 'none found'}) "
+          f"-> {args.evidence}; table: {args.out}")
+
+
 def registry(argv: list[str] | None = None) -> None:
     """`ftlab-registry register|promote|rollback|list|show ...` (no Hydra config): numbered
     versions of finished runs and the aliases (production, candidate) pointing at them."""

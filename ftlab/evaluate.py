@@ -270,12 +270,19 @@ def summary_table(ev: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def slice_headline(ev: dict, prefix: str) -> dict:
+    """`<prefix>/<column>=<value>/accuracy|macro_f1` of every slice (e.g. per environment)."""
+    return {f"{prefix}/{col}={v}/{k}": m[k] for col, vals in (ev.get("slices") or {}).items()
+            for v, m in vals.items() for k in ("accuracy", "macro_f1") if k in m}
+
+
 def headline(ev: dict, split: str) -> dict:
     """The flat numbers of an evaluation for results.json and the wandb summary."""
     out = {f"{split}/{k}": v for k, v in ev["metrics"].items()}
     for name, t in (ev.get("tasks") or {}).items():
         out.update({f"{split}/{name}/{k}": v for k, v in t["metrics"].items()})
     out.update({f"{split}/recall/{c}": m["recall"] for c, m in ev["per_class"].items()})
+    out.update(slice_headline(ev, split))
     w = ev.get("worst_slice")
     if w:
         out[f"{split}/worst_slice"] = f"{w['column']}={w['value']}"

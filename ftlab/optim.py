@@ -48,12 +48,30 @@ def add_decayed_weights_tree(decay) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: EmptyState(), update)
 
 
+SCHEDULES = ("cosine", "linear", "constant", "stlr", "step")
+STLR_RATIO = 32  # ULMFiT's slanted triangular LR: lowest LR = lr / 32
+STEP_AT = (0.3, 0.6, 0.9)  # BiT-HyperRule: LR x 0.1 at 30%, 60% and 90% of the phase
+
+
 def lr_schedule(phase: PhaseConfig, steps: int) -> optax.Schedule:
+    """The phase's LR per step: `warmup` (a fraction of its steps) rises linearly, then
+    cosine / linear decay to 0, constant, `stlr` (Howard & Ruder 2018: rises from lr/32 over
+    the warmup fraction, their cut_frac, then falls linearly back to lr/32) or `step`
+    (Kolesnikov et al. 2020: x0.1 at 30%, 60% and 90% of the steps)."""
     warmup = int(round(phase.warmup * steps))
     decay_steps = max(steps - warmup, 1)
-    main = {"cosine": optax.cosine_decay_schedule(phase.lr, decay_steps),
-            "linear": optax.linear_schedule(phase.lr, 0.0, decay_steps),
-            "constant": optax.constant_schedule(phase.lr)}[phase.schedule]
+    low = phase.lr / STLR_RATIO
+    if phase.schedule == "stlr":
+        up = max(warmup, 1)
+        return optax.join_schedules([optax.linear_schedule(low, phase.lr, up),
+                                     optax.linear_schedule(phase.lr, low, max(steps - up, 1))],
+                                    [up])
+    main = {"cosine": lambda: optax.cosine_decay_schedule(phase.lr, decay_steps),
+            "linear": lambda: optax.linear_schedule(phase.lr, 0.0, decay_steps),
+            "constant": lambda: optax.constant_schedule(phase.lr),
+            "step": lambda: optax.piecewise_constant_schedule(
+                phase.lr, {max(int(round(f * steps)) - warmup, 1): 0.1 for f in STEP_AT})
+            }[phase.schedule]()
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, phase.lr, warmup), main], [warmup])

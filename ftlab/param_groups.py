@@ -55,9 +55,10 @@ def assign(shapes: dict[str, tuple[int, ...]], rules: Mapping[str, GroupRule],
     for name, p in phases.items():
         if p.epochs < 1:
             raise ConfigError(f"schedule.phases.{name}.epochs", "must be >= 1")
-        if p.schedule not in ("cosine", "constant", "linear"):
+        from ftlab.optim import SCHEDULES
+        if p.schedule not in SCHEDULES:
             raise ConfigError(f"schedule.phases.{name}.schedule",
-                              f"'{p.schedule}' is not one of: cosine, constant, linear")
+                              f"'{p.schedule}' is not one of: {', '.join(SCHEDULES)}")
     compiled = {}
     for name, r in rules.items():
         if r.train_from is not None and r.train_from not in phases:

@@ -113,8 +113,8 @@ class GroupRule:
 class PhaseConfig:
     epochs: int = 1
     lr: float = 1e-3
-    schedule: str = "cosine"  # cosine | constant | linear
-    warmup: float = 0.1  # fraction of the phase's steps
+    schedule: str = "cosine"  # cosine | constant | linear | stlr (ULMFiT) | step (BiT)
+    warmup: float = 0.1  # fraction of the phase's steps (stlr: its rising part, cut_frac)
 
 
 @dataclass
@@ -288,6 +288,26 @@ class AdaptConfig:
 
 
 @dataclass
+class ClaimConfig:
+    """A run's part in a reproduced claim (conf/experiment/claims/, one arm per conf/arm/
+    file): `ftlab-results` groups the runs of claim `id` by `arm` and seed, and compares
+    them on `metric` (docs/results.md). Not a claim run while `id` is None."""
+    id: Optional[str] = None
+    arm: Optional[str] = None  # this run's arm (set by its conf/arm/ file)
+    statement: str = ""  # what is claimed, in words
+    source: str = ""  # the paper (authors year) or "seed"
+    adapted: str = ""  # how the recipe was adapted to the shipped models and data
+    metric: str = "test/accuracy"  # a results.json key, compared in points (x100)
+    extra_metrics: List[str] = field(default_factory=list)  # shown next to it, not judged
+    kind: str = "difference"  # difference: treatment - baseline in `expect`; value: the
+    #                           treatment's metric in `expect`; curve: metric over arms' `x`
+    baseline: Optional[str] = None  # the arm compared against (difference)
+    treatment: Optional[str] = None  # the arm the claim is about (difference, value)
+    expect: List[float] = field(default_factory=list)  # [low, high] in points
+    x: Optional[float] = None  # curve: this arm's position (e.g. examples per class)
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -302,6 +322,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    claim: ClaimConfig = field(default_factory=ClaimConfig)
 
 
 class ConfigError(ValueError):

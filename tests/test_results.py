@@ -1,0 +1,170 @@
+"""Reproduced claims: every claim experiment composes for each of its arms and runs under
+debug=smoke; `ftlab-results` computes means, paired differences and verdicts from run dirs;
+the committed docs/results.md is exactly what `ftlab-results` renders from the committed
+evidence."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import compose_cfg
+from ftlab import results
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIMS = sorted(p.stem for p in (ROOT / "conf" / "experiment" / "claims").glob("*.yaml"))
+
+
+def arms_of(claim: str) -> list[str]:
+    cfg = yaml.safe_load((ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml").read_text())
+    return cfg["hydra"]["sweeper"]["params"]["arm"].split(",")
+
+
+def seeds_of(claim: str) -> list[str]:
+    cfg = yaml.safe_load((ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml").read_text())
+    return str(cfg["hydra"]["sweeper"]["params"]["trainer.seed"]).split(",")
+
+
+@pytest.mark.parametrize("claim", CLAIMS)
+def test_claim_composes_for_every_arm(claim):
+    """Each arm sets its name; the compared arms exist; a sweep has >= 3 seeds; the header
+    says what it reproduces, how it was adapted, the command and where the result is."""
+    header = (ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml").read_text()
+    for word in ("Claim", "Adapted:", f"ftlab-train -m experiment=claims/{claim}", "Result:"):
+        assert word in header, word
+    assert len(seeds_of(claim)) >= 3
+    names = []
+    for arm in arms_of(claim):
+        cfg = compose_cfg(f"experiment=claims/{claim}", f"arm={arm}")
+        assert cfg.claim.id == claim and cfg.claim.arm and cfg.claim.statement
+        names.append(cfg.claim.arm)
+    assert len(set(names)) == len(names)
+    wanted = [cfg.claim.treatment] + ([cfg.claim.baseline] if cfg.claim.kind == "difference"
+                                      else [])
+    assert set(wanted) <= set(names)
+
+
+def fake_run(root: Path, claim: dict, seed: int, results_: dict, smoke=False) -> Path:
+    run = root / f"{claim['id']}-{claim['arm']}-{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"claim": claim,
+                                                     "trainer": {"seed": seed}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        [f"trainer.seed={seed}"] + (["debug=smoke"] if smoke else [])))
+    (run / "results.json").write_text(json.dumps({"train_seconds": 60.0, **results_}))
+    return run
+
+
+def definition(**kw) -> dict:
+    return {"statement": "s", "source": "p", "adapted": "a", "metric": "test/accuracy",
+            "kind": "difference", "baseline": "base", "treatment": "new", "expect": [3, 8],
+            "extra_metrics": ["test/macro_f1"], **kw}
+
+
+@pytest.mark.parametrize("gain, verdict", [(0.05, "agrees"), (0.12, "exceeds"),
+                                           (0.01, "smaller"), (-0.02, "disagrees")])
+def test_paired_difference_and_verdict(tmp_path, gain, verdict):
+    rng = np.random.default_rng(0)
+    base = 0.7 + 0.02 * rng.standard_normal(3)
+    for seed in range(3):
+        d = definition(id="c", arm="base")
+        fake_run(tmp_path / "runs", d, seed, {"test/accuracy": base[seed],
+                                              "test/macro_f1": 0.5})
+        fake_run(tmp_path / "runs", {**d, "arm": "new"}, seed,
+                 {"test/accuracy": base[seed] + gain, "test/macro_f1": 0.6})
+    fake_run(tmp_path / "runs", {**definition(id="c", arm="new")}, 9, {"test/accuracy": 0.0},
+             smoke=True)  # a smoke run never enters the table
+    rows, text = results.run([tmp_path / "runs"], tmp_path / "ev.jsonl", tmp_path / "r.md")
+    assert len(rows) == 6 and len(results.read(tmp_path / "ev.jsonl")) == 6
+    a = results.assess(rows)
+    assert a["verdict"] == verdict
+    assert a["effect"][0] == pytest.approx(100 * gain) and a["effect"][1] == pytest.approx(
+        0, abs=1e-9)  # paired by seed: the seeds' spread cancels
+    assert a["arms"]["base"][0] == pytest.approx(100 * base.mean())
+    assert f"**{verdict}**" in text and f"{100 * gain:+.1f} ± 0.0 points" in text
+    assert "| new | " in text and "60.0 ± 0.0 (n=3)" in text  # the extra metric
+
+
+def test_value_and_curve_claims_and_evidence_update(tmp_path):
+    v = definition(id="v", kind="value", baseline=None, treatment="cnn", expect=[86, 90])
+    for seed, acc in enumerate((0.87, 0.88, 0.89)):
+        fake_run(tmp_path / "a", {**v, "arm": "cnn"}, seed, {"test/accuracy": acc})
+    c = definition(id="curve", kind="curve", expect=[10000, 1.0])
+    for x, acc in ((10, 0.6), (100, 0.8), (1000, 0.85)):
+        fake_run(tmp_path / "a", {**c, "arm": f"n{x}", "x": x}, 0, {"test/accuracy": acc})
+    results.run([tmp_path / "a"], tmp_path / "ev.jsonl", tmp_path / "r.md")
+    by = {cl: results.assess([r for r in results.read(tmp_path / "ev.jsonl")
+                              if r["claim"] == cl]) for cl in ("v", "curve")}
+    assert by["v"]["verdict"] == "agrees" and by["v"]["effect"][0] == pytest.approx(88.0)
+    assert by["curve"]["verdict"] == "not testable here"  # largest x 1000 < 10000
+    assert "10: 60.0, 100: 80.0, 1000: 85.0" in by["curve"]["measured"]
+    # rerunning one claim replaces its rows and keeps the other claim's
+    for seed in range(3):
+        fake_run(tmp_path / "b", {**v, "arm": "cnn"}, seed, {"test/accuracy": 0.80})
+    results.run([tmp_path / "b"], tmp_path / "ev.jsonl", tmp_path / "r.md")
+    ev = results.read(tmp_path / "ev.jsonl")
+    assert {r["value"] for r in ev if r["claim"] == "v"} == {0.80}
+    assert sum(r["claim"] == "curve" for r in ev) == 3
+    assert "**disagrees**" in (tmp_path / "r.md").read_text()
+
+
+def test_missing_metric_is_a_one_line_error(tmp_path):
+    fake_run(tmp_path, definition(id="c", arm="base", metric="test/nope"), 0,
+             {"test/accuracy": 0.5})
+    with pytest.raises(results.ConfigError) as e:
+        results.collect([tmp_path])
+    assert e.value.key == "claim.metric" and "\n" not in str(e.value)
+
+
+def test_committed_results_table_is_generated_from_the_evidence():
+    """docs/results.md is `ftlab-results`' rendering of docs/results/claims.jsonl, byte for
+    byte: regenerate it with `ftlab-results`, never edit it."""
+    evidence = ROOT / results.EVIDENCE
+    assert evidence.exists(), "run the claims and ftlab-results (docs/results.md)"
+    ev = results.read(evidence)
+    assert (ROOT / results.OUT).read_text() == results.render(ev)
+    assert not any(r["smoke"] for r in ev)
+    for r in ev:
+        assert r["claim"] in CLAIMS, f"evidence of a claim with no experiment: {r['claim']}"
+
+
+@pytest.mark.slow
+def test_a_claim_sweep_runs_under_smoke_and_feeds_the_table(tmp_path):
+    """`ftlab-train -m experiment=claims/<claim> debug=smoke` runs its arms (the sweep's
+    own params), and `ftlab-results --include-smoke` reads them back."""
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([str(bindir / "ftlab-train"), "-m", "experiment=claims/ft_vs_fe",
+                          "debug=smoke", "trainer.seed=0"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([str(bindir / "ftlab-results"), "runs", "--include-smoke",
+                          "--evidence", "ev.jsonl", "--out", "r.md"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    ev = results.read(tmp_path / "ev.jsonl")
+    assert {r["arm"] for r in ev} == {"feature_extraction", "fine_tune"}
+    assert all(r["smoke"] for r in ev) and "ft_vs_fe" in (tmp_path / "r.md").read_text()
+
+
+def treatment_arm(claim: str) -> str:
+    for arm in arms_of(claim):
+        cfg = compose_cfg(f"experiment=claims/{claim}", f"arm={arm}")
+        if cfg.claim.arm == cfg.claim.treatment or cfg.claim.kind == "curve":
+            return arm
+    raise AssertionError(f"{claim}: no arm is the treatment")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("claim", [c for c in CLAIMS if c != "ft_vs_fe"])
+def test_every_claim_runs_under_smoke(claim, tmp_path):
+    """Each claim's treatment arm (its distinctive recipe; every arm composes above, and
+    ft_vs_fe runs its whole sweep above) trains under debug=smoke and writes the claim's
+    metric."""
+    from ftlab.train import run
+    cfg = compose_cfg(f"experiment=claims/{claim}", f"arm={treatment_arm(claim)}",
+                      "debug=smoke", "eval.plots=false")
+    res = run(cfg, tmp_path / "run")
+    assert isinstance(res[cfg.claim.metric], float)
