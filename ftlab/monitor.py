@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from ftlab import drift, predlog
 from ftlab.app_schema import DriftThresholds, MonitorAppConfig
-from ftlab.plots import ACCENT, BASE, _save
+from ftlab.plots import ACCENT, BASE, save_figure
 from ftlab.schema import ConfigError
 
 
@@ -215,7 +215,7 @@ def figure(ref: predlog.Reference, win: predlog.Window, res: dict, out: Path) ->
         ax.set_ylabel("accuracy")
         ax.set_title(f"accuracy: drop {c['value']:+.3f}, Fisher p {c['pvalue']:.2g}",
                      fontsize=10, color=ACCENT if c["flagged"] else "black")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def summary(res: dict) -> str:

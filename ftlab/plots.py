@@ -18,7 +18,7 @@ ACCENT = "#d62728"  # errors, worst slice, calibration gap
 BASE = "#1f77b4"
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def save_figure(fig: Figure, out: Path) -> Path:
     """Render `fig` to `out` with the Agg canvas; the figure is dropped with its last reference."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,7 @@ def _message(out: Path, text: str) -> Path:
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=13, color="0.3")
     ax.set_axis_off()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -92,7 +92,7 @@ def training_curves(rows: list[dict], out: Path, phase_names: list[str] | None =
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def confusion_matrix(cm: list[list[int]], class_names: list[str], out: Path) -> Path:
@@ -125,7 +125,7 @@ def confusion_matrix(cm: list[list[int]], class_names: list[str], out: Path) -> 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (colour = row-normalised)")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def reliability(bins: list[dict], ece: float, out: Path) -> Path:
@@ -152,7 +152,7 @@ def reliability(bins: list[dict], ece: float, out: Path) -> Path:
     bottom.bar(lo, [b["count"] for b in used], width=width, align="edge", color="0.5")
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("count")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def slice_bars(slices: dict[str, dict[str, dict]], metric: str, out: Path) -> Path:
@@ -176,7 +176,7 @@ def slice_bars(slices: dict[str, dict[str, dict]], metric: str, out: Path) -> Pa
     ax.set_xlim(0, max(1.0, max(scores)) * 1.25)
     ax.set_xlabel(metric)
     ax.set_title(f"{metric} per slice (worst in red)")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def lr_find(curves: dict[str, dict], out: Path) -> Path:
@@ -202,7 +202,7 @@ def lr_find(curves: dict[str, dict], out: Path) -> Path:
     ax.set_title("LR range test")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def thumbnails(images: list[np.ndarray], titles: list[str], out: Path, cols: int = 5) -> Path:
@@ -221,4 +221,4 @@ def thumbnails(images: list[np.ndarray], titles: list[str], out: Path, cols: int
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         if i < len(titles):
             ax.set_title(titles[i], fontsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)

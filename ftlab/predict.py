@@ -121,9 +121,9 @@ def check(app: PredictAppConfig) -> None:
 
 def _specs_and_classes(model_dir: Path) -> tuple[list | None, list[str]]:
     """The dir's fitted task specs (tasks.json) and primary class names, without its data."""
-    from ftlab.runs import _class_names
+    from ftlab.runs import class_names_of
     specs = tasks.load(model_dir / "tasks.json")
-    classes = list(specs[0].classes) if specs else _class_names(model_dir)
+    classes = list(specs[0].classes) if specs else class_names_of(model_dir)
     if classes is None:
         raise ConfigError("ref", f"{model_dir} has neither tasks.json nor "
                                    "data_summary.json; it is not a finished ftlab run")
@@ -187,9 +187,9 @@ def _input_column(app: PredictAppConfig, header: list[str], kind: str, cfg: Conf
 def table_inputs(app: PredictAppConfig, cfg: Config, kind: str) -> tuple[list, list, list]:
     """(ids, texts or image paths, what the log shows) of the rows of a CSV / JSONL /
     Parquet file; no label column needed."""
-    from ftlab.data.user import DataError, _rows
+    from ftlab.data.user import DataError, read_rows
     path = Path(app.inputs)
-    rows = _rows(path)
+    rows = read_rows(path)
     if not rows:
         raise ConfigError("inputs", f"{path} has no rows")
     header = list(rows[0])
@@ -235,7 +235,7 @@ def new_inputs(app: PredictAppConfig, cfg: Config) -> Inputs:
     from ftlab import models
     from ftlab.data.examples import Examples
     from ftlab.data.prepare import inputs as model_inputs
-    from ftlab.data.user import _image
+    from ftlab.data.user import read_image
     kind = models.ARCHS[cfg.model.arch].inputs
     path = Path(app.inputs)
     if path.is_dir():
@@ -246,7 +246,7 @@ def new_inputs(app: PredictAppConfig, cfg: Config) -> Inputs:
     else:
         ids, values, shown = table_inputs(app, cfg, kind)
     if kind == "image":
-        arrays = {"image": np.stack([_image(Path(f), cfg.dataset.image_size) for f in values])}
+        arrays = {"image": np.stack([read_image(Path(f), cfg.dataset.image_size) for f in values])}
     else:
         if models.tokenizer_of(cfg.model) is None:
             raise ConfigError("inputs", f"the model reads the token ids of dataset "

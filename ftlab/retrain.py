@@ -133,7 +133,7 @@ def run_app(app: RetrainAppConfig) -> dict:
     """Retrain `app.ref` on its baseline's data plus `app.labels`; register, compare, gate."""
     from ftlab import registry, train
     from ftlab.predict import write_reference
-    from ftlab.runs import _class_names, load_config
+    from ftlab.runs import class_names_of, load_config
     check(app.gate)
     if any(c in app.ref for c in "@:/"):
         raise ConfigError("ref", f"'{app.ref}' should be a registered model's name; the "
@@ -142,7 +142,7 @@ def run_app(app: RetrainAppConfig) -> dict:
     cfg = load_config(base_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(app.out) if app.out else Path("runs") / cfg.name / "retrain" / stamp
-    classes = _class_names(base_dir)
+    classes = class_names_of(base_dir)
     if classes is None:
         raise ConfigError("ref", f"{base_dir} has no data_summary.json (its class list); "
                                    "register a run ftlab-train finished")

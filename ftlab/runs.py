@@ -52,7 +52,7 @@ def manifest(run_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def _class_names(run_dir: Path) -> list[str] | None:
+def class_names_of(run_dir: Path) -> list[str] | None:
     import json
     path = Path(run_dir) / "data_summary.json"
     if not path.exists():
@@ -70,7 +70,7 @@ def open_split(cfg: Config, run_dir: Path, dataset: DatasetConfig | None, split:
     dcfg = cfg.dataset if own else dataset
     data = load_split(dcfg)
     ex = data.examples
-    classes = _class_names(run_dir)
+    classes = class_names_of(run_dir)
     if classes is not None and list(classes) != list(ex.class_names):
         raise ConfigError("dataset", f"classes {ex.class_names} differ from the run's "
                                      f"{classes}; pick a dataset with the same classes "

@@ -42,9 +42,14 @@ def test_claim_composes_for_every_arm(claim):
         assert cfg.claim.id == claim and cfg.claim.arm and cfg.claim.statement
         names.append(cfg.claim.arm)
     assert len(set(names)) == len(names)
-    wanted = [cfg.claim.treatment] + ([cfg.claim.baseline] if cfg.claim.kind == "difference"
-                                      else [])
-    assert set(wanted) <= set(names)
+    if cfg.claim.kind == "curve":  # every arm is a point: each needs its x
+        xs = [compose_cfg(f"experiment=claims/{claim}", f"arm={a}").claim.x
+              for a in arms_of(claim)]
+        assert None not in xs and len(set(xs)) == len(xs)
+    else:
+        wanted = [cfg.claim.treatment] + ([cfg.claim.baseline]
+                                          if cfg.claim.kind == "difference" else [])
+        assert set(wanted) <= set(names)
 
 
 def fake_run(root: Path, claim: dict, seed: int, results_: dict, smoke=False) -> Path:

@@ -21,7 +21,7 @@ class DataError(ValueError):
     """Bad input data, reported as one line naming the file / row and the fix."""
 
 
-def _image(path: Path, size: int) -> np.ndarray:
+def read_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
@@ -49,12 +49,12 @@ def folder(cfg: DatasetConfig) -> Examples:
         raise ConfigError("dataset.path", f"no images under {root}/<class>/; expected one "
                                           f"subfolder per class with {', '.join(IMAGE_SUFFIXES)}")
     labels, classes = _label_ids([p.parent.name for p in files], cfg, str(root))
-    images = np.stack([_image(p, cfg.image_size) for p in files])
+    images = np.stack([read_image(p, cfg.image_size) for p in files])
     ids = np.asarray([str(p.relative_to(root)) for p in files])
     return Examples(ids, labels, classes, arrays={"image": images})
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
@@ -89,7 +89,7 @@ def _numeric(values: list, name: str, path: Path) -> np.ndarray:
 def table(cfg: DatasetConfig) -> Examples:
     """Rows of a CSV / JSONL / Parquet file: (text or image path) + label + other columns."""
     path = _path(cfg)
-    rows = _rows(path)
+    rows = read_rows(path)
     label = cfg.label or "label"
     if not rows or label not in rows[0]:
         raise ConfigError("dataset.label", f"{path} has no column '{label}'; columns: "
@@ -108,7 +108,7 @@ def table(cfg: DatasetConfig) -> Examples:
     if cfg.text_column:
         return Examples(ids, labels, classes, texts=[str(r[input_col]) for r in rows],
                         columns=columns)
-    images = np.stack([_image(path.parent / r[input_col], cfg.image_size) for r in rows])
+    images = np.stack([read_image(path.parent / r[input_col], cfg.image_size) for r in rows])
     return Examples(ids, labels, classes, arrays={"image": images}, columns=columns)
 
 
