@@ -87,3 +87,32 @@ def test_group_lr_and_weight_decay_multipliers_reach_the_update(mults):
     # SGD: -lr * mult * (grad + wd * wd_mult * param)
     assert jnp.allclose(updates["a"], -0.01 * mults["a"] * (2.0 + 0.1))
     assert jnp.allclose(updates["b"], -0.01 * mults["b"] * 2.0)
+
+
+def test_slanted_triangular_lr():
+    """ULMFiT's STLR: lr/32 at the first step, lr at the cut (the warmup fraction), lr/32
+    again at the end, linear in between."""
+    from ftlab.optim import lr_schedule
+    s = lr_schedule(PhaseConfig(lr=0.01, schedule="stlr", warmup=0.1), 100)
+    assert float(s(0)) == pytest.approx(0.01 / 32)
+    assert float(s(10)) == pytest.approx(0.01)
+    assert float(s(100)) == pytest.approx(0.01 / 32)
+    assert float(s(55)) == pytest.approx((0.01 + 0.01 / 32) / 2)
+
+
+def test_step_lr_divides_by_ten_at_30_60_90_percent():
+    """BiT-HyperRule: x0.1 at 30%, 60% and 90% of the phase's steps (warmup included)."""
+    from ftlab.optim import lr_schedule
+    s = lr_schedule(PhaseConfig(lr=0.01, schedule="step", warmup=0.1), 100)
+    got = {i: float(s(i)) for i in (5, 29, 30, 59, 60, 89, 90, 99)}
+    assert got[5] == pytest.approx(0.005)  # warming up
+    want = {29: 1e-2, 30: 1e-3, 59: 1e-3, 60: 1e-4, 89: 1e-4, 90: 1e-5, 99: 1e-5}
+    for i, v in want.items():
+        assert got[i] == pytest.approx(v), i
+
+
+def test_unknown_schedule_is_named():
+    with pytest.raises(ConfigError) as e:
+        assign(SHAPES, rules(all=dict(pattern=".*", train_from="p")),
+               {"p": PhaseConfig(schedule="triangle")})
+    assert e.value.key == "schedule.phases.p.schedule" and "stlr" in str(e.value)
