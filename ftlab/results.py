@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def collect(dirs) -> list[dict]:
                           if isinstance(results.get(k), (int, float))},
                 "train_seconds": float(results.get("train_seconds", 0.0)),
                 "smoke": any(o.startswith("debug=") for o in overrides),
-                "run": str(run),
+                "run": os.path.relpath(run),  # relative: the evidence is committed
                 "definition": {k: claim.get(k) for k in (
                     "statement", "source", "adapted", "metric", "kind", "baseline",
                     "treatment", "expect", "extra_metrics")}})
