@@ -20,8 +20,9 @@ from ftlab.schema import ConfigError
 
 EVIDENCE = Path("docs/results/claims.jsonl")
 OUT = Path("docs/results.md")
-# agrees: inside the claimed range; exceeds / smaller: the claimed direction, outside it.
-VERDICTS = ("agrees", "exceeds", "smaller", "disagrees", "not testable here")
+# agrees: inside the claimed range; exceeds / smaller: the claimed direction, outside it;
+# inconclusive: outside it, and the seeds' 95% interval holds no difference too.
+VERDICTS = ("agrees", "exceeds", "smaller", "inconclusive", "disagrees", "not testable here")
 
 
 def _overrides(run: Path) -> list[str]:
@@ -124,9 +125,15 @@ def assess(rows: list[dict]) -> dict:
         m = diff[0]
         verdict = ("agrees" if lo <= m <= hi else "exceeds" if m > hi else
                    "smaller" if m > 0 else "disagrees")
-        return {**out, "effect": diff, "verdict": verdict,
-                "measured": f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds)"
-                if diff[2] > 1 else f"{m:+.1f} points"}
+        measured = f"{m:+.1f} points"
+        if diff[2] > 1:  # Student's t interval of the mean paired difference
+            from scipy import stats
+            half = stats.t.ppf(0.975, diff[2] - 1) * diff[1] / math.sqrt(diff[2])
+            measured = (f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds; "
+                        f"95% CI {m - half:+.1f} to {m + half:+.1f})")
+            if lo > 0 and m - half <= 0 <= m + half and verdict != "agrees":
+                verdict = "inconclusive"  # a claimed gain the seeds cannot tell from none
+        return {**out, "effect": diff, "verdict": verdict, "measured": measured}
     if kind == "value":
         m = table[d["treatment"]]
         verdict = "agrees" if lo <= m[0] <= hi else "disagrees"
@@ -181,8 +188,8 @@ def render(evidence_rows: list[dict], include_smoke: bool = False) -> str:
                   f"**Command**: `ftlab-train -m experiment=claims/{c}` then `ftlab-results`"
                   f" ({a['minutes']} min of training in all)", ""]
         extras = list(d.get("extra_metrics") or [])
-        lines += ["| arm | " + ("x | " if d["kind"] == "curve" else "") + f"{d['metric']} | "
-                  + "".join(f"{k} | " for k in extras).rstrip(),
+        lines += ["| " + " | ".join(["arm"] + (["x"] if d["kind"] == "curve" else [])
+                                   + [d["metric"]] + extras) + " |",
                   "|---|" + ("---|" if d["kind"] == "curve" else "") + "---|" * (1 + len(extras))]
         order = sorted(a["arms"], key=lambda k: (a["x"][k] is None, a["x"][k] or 0, str(k)))
         for arm in order:

@@ -93,6 +93,16 @@ def test_paired_difference_and_verdict(tmp_path, gain, verdict):
     assert "| new | " in text and "60.0 ± 0.0 (n=3)" in text  # the extra metric
 
 
+def test_a_gain_within_the_seeds_noise_is_inconclusive(tmp_path):
+    for seed, (b, n) in enumerate(((0.70, 0.74), (0.72, 0.71), (0.70, 0.73))):
+        d = definition(id="c", arm="base")
+        fake_run(tmp_path, d, seed, {"test/accuracy": b})
+        fake_run(tmp_path, {**d, "arm": "new"}, seed, {"test/accuracy": n})
+    a = results.assess(results.collect([tmp_path]))
+    assert a["effect"][0] == pytest.approx(2.0) and a["verdict"] == "inconclusive"
+    assert "95% CI -" in a["measured"]
+
+
 def test_value_and_curve_claims_and_evidence_update(tmp_path):
     v = definition(id="v", kind="value", baseline=None, treatment="cnn", expect=[86, 90])
     for seed, acc in enumerate((0.87, 0.88, 0.89)):
