@@ -256,31 +256,33 @@ def aggregate(argv: list[str] | None = None) -> None:
           f"{out / 'jobs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}")
 
 
+def _run_app(module: str, cfg: DictConfig, jax: bool = True) -> dict:
+    """`module.run_app` on the typed app config, its `summary` printed; a bad input exits 2
+    with one line. `jax`: set up JAX first (the apps that run a model)."""
+    import importlib
+    app = importlib.import_module(module)
+    if jax:
+        _setup_jax()
+    try:
+        res = app.run_app(from_omegaconf(cfg))
+    except _errors() as e:
+        _fail(e)
+    print(app.summary(res))
+    return res
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def predict(cfg: DictConfig) -> None:
     """`ftlab-predict ref=<run dir | name[@alias|:version]> dataset=... split=...` or
     `inputs=<folder | csv>`: appends one row per input to the prediction log."""
-    from ftlab.predict import run_app, summary
-
-    _setup_jax()
-    try:
-        res = run_app(from_omegaconf(cfg))
-    except _errors() as e:
-        _fail(e)
-    print(summary(res))
+    _run_app("ftlab.predict", cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="monitor")
 def monitor(cfg: DictConfig) -> None:
     """`ftlab-monitor ref=<ref> [stream=...] [last=N]`: drift of a window of the prediction
     log against the model's reference; exit status 1 when drift is flagged, 0 when not."""
-    from ftlab.monitor import run_app, summary
-
-    try:
-        res = run_app(from_omegaconf(cfg))
-    except _errors() as e:
-        _fail(e)
-    print(summary(res))
+    res = _run_app("ftlab.monitor", cfg, jax=False)
     sys.exit(1 if res["drift"] else 0)
 
 
@@ -288,13 +290,7 @@ def monitor(cfg: DictConfig) -> None:
 def select(cfg: DictConfig) -> None:
     """`ftlab-select ref=<ref> n=50 strategy=margin [diversity=true] out=queue.csv`: the
     logged inputs to label next."""
-    from ftlab.active import run_app, summary
-
-    try:
-        res = run_app(from_omegaconf(cfg))
-    except _errors() as e:
-        _fail(e)
-    print(summary(res))
+    _run_app("ftlab.active", cfg, jax=False)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
@@ -302,14 +298,7 @@ def retrain(cfg: DictConfig) -> None:
     """`ftlab-retrain ref=<name> labels=<annotated csv> [gate.margin=...]`: a candidate
     fine-tuned with production's config plus the new labels, promoted only if it passes the
     gate. Exit status 0 when promoted, 1 when production was kept, 2 on a config error."""
-    from ftlab.retrain import run_app, summary
-
-    _setup_jax()
-    try:
-        res = run_app(from_omegaconf(cfg))
-    except _errors() as e:
-        _fail(e)
-    print(summary(res))
+    res = _run_app("ftlab.retrain", cfg)
     sys.exit(0 if res.get("promoted") or res.get("halted") else 1)
 
 
