@@ -46,9 +46,11 @@ def check(gate: GateConfig) -> None:
 POOL = "labels.csv"  # <registry>/<name>/labels.csv: every label received for that model
 
 
-def merged_labels(previous: list, new: str, class_names: list[str], out: Path) -> Path:
+def merged_labels(previous: list, new: str, class_names: list[str], out: Path
+                  ) -> tuple[Path, int]:
     """One CSV with every label so far: the `previous` CSVs (those that exist) in order, then
-    the new ones (a sample labeled again takes its latest label). Written atomically."""
+    the new ones (a sample labeled again takes its latest label). Written atomically;
+    (its path, its number of labels)."""
     rows: dict[str, str] = {}
     for path in [p for p in previous if p and Path(p).is_file()] + [new]:
         ids, ys = labeled.read(path, class_names)
@@ -60,7 +62,7 @@ def merged_labels(previous: list, new: str, class_names: list[str], out: Path) -
         w.writerow(["sample_id", "label"])
         w.writerows(rows.items())
     tmp.replace(out)
-    return out
+    return out, len(rows)
 
 
 def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> dict:
@@ -148,8 +150,8 @@ def run_app(app: RetrainAppConfig) -> dict:
                                    "register a run ftlab-train finished")
     n_new = len(labeled.read(app.labels, classes)[0])
     pool = Path(app.registry).absolute() / name / POOL
-    merged = merged_labels([pool, cfg.dataset.extra_train], app.labels, classes,
-                           out.absolute() / "labels.csv")
+    merged, n_total = merged_labels([pool, cfg.dataset.extra_train], app.labels, classes,
+                                    out.absolute() / "labels.csv")
     cand_cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(
         cfg.dataset, extra_train=str(merged)))
     load_split(cand_cfg.dataset)  # refuses test rows and unknown ids before training
@@ -172,8 +174,8 @@ def run_app(app: RetrainAppConfig) -> dict:
     if promoted:
         registry.promote(app.registry, name, int(cand_version), app.baseline)
     res = {"model": name, "baseline_version": base_version, "candidate_version": cand_version,
-           "new_labels": n_new, "labels": str(merged), "total_labels": len(
-               labeled.read(merged, classes)[0]), "gate": dataclasses.asdict(app.gate),
+           "new_labels": n_new, "labels": str(merged), "total_labels": n_total,
+           "gate": dataclasses.asdict(app.gate),
            "passed": ok, "promoted": promoted, "reason": why, "compare": cmp,
            "train_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
     (out / "retrain.json").write_text(json.dumps(res, indent=2))

@@ -62,8 +62,9 @@ def test_merged_labels_keep_every_label_and_the_latest_wins(tmp_path):
     classes = ["ok", "bad"]
     old = write_labels(tmp_path / "old.csv", [("a", "ok"), ("b", "bad")])
     new = write_labels(tmp_path / "new.csv", [("b", "ok"), ("c", "1")])
-    out = retrain.merged_labels([tmp_path / "missing.csv", old], str(new), classes,
-                                tmp_path / "m" / "labels.csv")
+    out, n = retrain.merged_labels([tmp_path / "missing.csv", old], str(new), classes,
+                                   tmp_path / "m" / "labels.csv")
+    assert n == 3
     ids, ys = labeled.read(out, classes)
     assert dict(zip(ids, ys.tolist())) == {"a": 0, "b": 0, "c": 1}
 
