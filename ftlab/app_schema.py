@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ftlab.schema import AdaptConfig, DatasetConfig, EvalConfig
+from ftlab.schema import (AdaptConfig, DatasetConfig, EvalConfig, QatConfig,  # noqa: F401
+                          QuantizeConfig, QuantRule)
 
 
 @dataclass
@@ -47,39 +48,6 @@ class CombineAppConfig:
     dataset: Optional[DatasetConfig] = None  # None: the runs' own dataset and split
     eval: Optional[EvalConfig] = None  # None: the first run's eval config
     out: str = "???"
-
-
-@dataclass
-class QuantRule:
-    """Int8 for the quantizable weights (dense / conv kernels, embedding tables) whose
-    '/'-joined param path fully matches `pattern`. Tables and depthwise kernels are always
-    weight-only (w8): they are looked up or multiplied elementwise, not in a dot."""
-    pattern: str = "MISSING"
-    mode: str = "w8a8"  # w8a8 (int8 weights + activations) | w8 (weights only) | fp32 (excluded)
-
-
-@dataclass
-class QatConfig:
-    """Quantization-aware fine-tuning: one phase from the run's checkpoint with fake-quant
-    in the forward pass (straight-through gradients), then converted to int8 like PTQ."""
-    epochs: int = 1  # 0: no QAT
-    lr: float = 1.0e-5
-    schedule: str = "cosine"  # cosine | constant | linear
-    warmup: float = 0.1
-    train: Optional[str] = None  # regex over param paths that train; None: the run's last phase's
-
-
-@dataclass
-class QuantizeConfig:
-    """What `ftlab-quantize` quantizes and how. Rules are named like schedule.groups; fp32
-    rules exclude (and win over overlapping rules); unmatched weights stay fp32."""
-    rules: Dict[str, QuantRule] = field(default_factory=dict)
-    activations: str = "static"  # static: per-tensor scales calibrated on val | dynamic: per row
-    calibration_batches: int = 8  # val batches whose mean max |x| sets static scales
-    weight_only: bool = False  # every w8a8 rule becomes w8: 4x smaller, not faster on CPU
-    sensitivity: bool = True  # per layer: val accuracy with only that layer quantized
-    sensitivity_batches: Optional[int] = None  # val batches per layer; None: all of val
-    qat: QatConfig = field(default_factory=QatConfig)
 
 
 @dataclass

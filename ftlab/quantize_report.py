@@ -201,6 +201,24 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
     return result, out
 
 
+def headline(result: dict) -> dict:
+    """Flat numbers of each int8 variant against fp32, for a training run's results.json:
+    quantize/<variant>/{accuracy, macro_f1, accuracy_drop, size_ratio, latency_b<n>_ratio}
+    (ratios are int8 / fp32, p50 latency measured in the same process)."""
+    table_, out = result["table"], {}
+    base = table_["fp32"]
+    for name, r in table_.items():
+        if name == "fp32":
+            continue
+        pre = f"quantize/{name}/"
+        out.update({pre + "accuracy": r["accuracy"], pre + "macro_f1": r["macro_f1"],
+                    pre + "accuracy_drop": base["accuracy"] - r["accuracy"],
+                    pre + "size_ratio": r["size_ratio"]})
+        for b, lat in r["latency"].items():
+            out[f"{pre}latency_b{b}_ratio"] = lat["p50_ms"] / base["latency"][b]["p50_ms"]
+    return out
+
+
 def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
                   run_dir: Path) -> tuple[dict, dict, dict]:
     """(name -> model: fp32, ptq and, with q.qat.epochs, qat; name -> artifact file;

@@ -60,15 +60,36 @@ def collect(dirs) -> list[dict]:
                 "claim": claim["id"], "arm": claim.get("arm"), "x": claim.get("x"),
                 "seed": int((cfg.get("trainer") or {}).get("seed", 0)),
                 "value": float(results[metric]),
-                "extra": {k: float(results[k]) for k in claim.get("extra_metrics") or []
+                "extra": {k: float(results[k]) for k in _extras(claim)
                           if isinstance(results.get(k), (int, float))},
                 "train_seconds": float(results.get("train_seconds", 0.0)),
                 "smoke": any(o.startswith("debug=") for o in overrides),
                 "run": os.path.relpath(run),  # relative: the evidence is committed
                 "definition": {k: claim.get(k) for k in (
                     "statement", "source", "adapted", "metric", "kind", "baseline",
-                    "treatment", "expect", "extra_metrics")}})
+                    "treatment", "expect", "extra_metrics", "checks")}})
     return rows
+
+
+def _extras(d: dict) -> list[str]:
+    """Metrics shown next to the claim's own: extra_metrics, then the checks' keys."""
+    shown = list(d.get("extra_metrics") or [])
+    return shown + [k for k in d.get("checks") or {} if k not in shown]
+
+
+def judged(rows: list[dict]) -> list[dict]:
+    """The claim's assessment, then one per check (`claim.checks`: a value claim on the
+    treatment arm's metric `key`)."""
+    d = rows[0]["definition"]
+    out = [assess(rows)]
+    for key, expect in (d.get("checks") or {}).items():
+        sub = {**d, "metric": key, "kind": "value", "expect": list(expect), "checks": {}}
+        have = [{**r, "value": r["extra"][key], "definition": sub}
+                for r in rows if key in r["extra"] and r["arm"] == d["treatment"]]
+        out.append(assess(have) if have else
+                   {"definition": sub, "measured": f"no run reported {key}",
+                    "verdict": "not testable here"})
+    return out
 
 
 def update(evidence: Path, rows: list[dict]) -> list[dict]:
@@ -104,7 +125,7 @@ def assess(rows: list[dict]) -> dict:
         arms.setdefault(r["arm"], []).append(r)
     table = {a: _stats([100 * r["value"] for r in rs]) for a, rs in arms.items()}
     extra = {a: {k: _stats([100 * r["extra"][k] for r in rs if k in r["extra"]])
-                 for k in d.get("extra_metrics") or [] if any(k in r["extra"] for r in rs)}
+                 for k in _extras(d) if any(k in r["extra"] for r in rs)}
              for a, rs in arms.items()}
     lo, hi = (d["expect"] + [math.nan, math.nan])[:2]
     out = {"definition": d, "arms": table, "extra": extra,
@@ -176,18 +197,20 @@ def render(evidence_rows: list[dict], include_smoke: bool = False) -> str:
              "is paired by seed. 2-core CPU unless stated.", "",
              "| claim | source | metric | claimed | ftlab measured | verdict |",
              "|---|---|---|---|---|---|"]
-    done = {c: assess(rs) for c, rs in sorted(claims.items())}
-    for c, a in done.items():
-        d = a["definition"]
-        lines.append(f"| [{c}](#{c}) | {d['source']} | {d['metric']} | {_claimed(d)} | "
-                     f"{a['measured']} | **{a['verdict']}** |")
-    for c, a in done.items():
+    done = {c: judged(rs) for c, rs in sorted(claims.items())}
+    for c, checks in done.items():
+        for a in checks:
+            d = a["definition"]
+            lines.append(f"| [{c}](#{c}) | {d['source']} | {d['metric']} | {_claimed(d)} | "
+                         f"{a['measured']} | **{a['verdict']}** |")
+    for c, checks in done.items():
+        a = checks[0]
         d = a["definition"]
         lines += ["", f"## {c}", "", f"**Claim** ({d['source']}): {d['statement']}", "",
                   f"**Adapted**: {d['adapted']}", "",
                   f"**Command**: `ftlab-train -m experiment=claims/{c}` then `ftlab-results`"
                   f" ({a['minutes']} min of training in all)", ""]
-        extras = list(d.get("extra_metrics") or [])
+        extras = _extras(d)
         lines += ["| " + " | ".join(["arm"] + (["x"] if d["kind"] == "curve" else [])
                                    + [d["metric"]] + extras) + " |",
                   "|---|" + ("---|" if d["kind"] == "curve" else "") + "---|" * (1 + len(extras))]
@@ -197,8 +220,11 @@ def render(evidence_rows: list[dict], include_smoke: bool = False) -> str:
             cells = "".join(f"{_pm(*a['extra'][arm][k])} | " if k in a["extra"][arm] else "- | "
                             for k in extras)
             lines.append(f"| {arm} | {x}{_pm(*a['arms'][arm])} | {cells}".rstrip())
-        lines += ["", f"**Measured**: {a['measured']}. **Verdict: {a['verdict']}.**"
-                  + (" (debug=smoke runs: a pipeline check, not a result)" if a["smoke"] else "")]
+        for i, b in enumerate(checks):
+            what = "" if i == 0 else f" ({b['definition']['metric']})"
+            lines += ["", f"**Measured**{what}: {b['measured']}. **Verdict: {b['verdict']}.**"]
+        if a["smoke"]:
+            lines[-1] += " (debug=smoke runs: a pipeline check, not a result)"
     if not done:
         lines += ["", "No claim has finished runs yet."]
     return "\n".join(lines) + "\n"

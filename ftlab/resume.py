@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from ftlab.schema import Config, ConfigError
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("trainer.halt_after_steps", "trainer.progress", "logger")
+# Keys that may change between a run and its resumption (quantize: runs after training).
+RESUMABLE_KEYS = ("trainer.halt_after_steps", "trainer.progress", "logger", "quantize")
 
 
 @dataclasses.dataclass

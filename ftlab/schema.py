@@ -288,6 +288,39 @@ class AdaptConfig:
 
 
 @dataclass
+class QuantRule:
+    """Int8 for the quantizable weights (dense / conv kernels, embedding tables) whose
+    '/'-joined param path fully matches `pattern`. Tables and depthwise kernels are always
+    weight-only (w8): they are looked up or multiplied elementwise, not in a dot."""
+    pattern: str = "MISSING"
+    mode: str = "w8a8"  # w8a8 (int8 weights + activations) | w8 (weights only) | fp32 (excluded)
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware fine-tuning: one phase from the run's checkpoint with fake-quant
+    in the forward pass (straight-through gradients), then converted to int8 like PTQ."""
+    epochs: int = 1  # 0: no QAT
+    lr: float = 1.0e-5
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup: float = 0.1
+    train: Optional[str] = None  # regex over param paths that train; None: the run's last phase's
+
+
+@dataclass
+class QuantizeConfig:
+    """What `ftlab-quantize` quantizes and how. Rules are named like schedule.groups; fp32
+    rules exclude (and win over overlapping rules); unmatched weights stay fp32."""
+    rules: Dict[str, QuantRule] = field(default_factory=dict)
+    activations: str = "static"  # static: per-tensor scales calibrated on val | dynamic: per row
+    calibration_batches: int = 8  # val batches whose mean max |x| sets static scales
+    weight_only: bool = False  # every w8a8 rule becomes w8: 4x smaller, not faster on CPU
+    sensitivity: bool = True  # per layer: val accuracy with only that layer quantized
+    sensitivity_batches: Optional[int] = None  # val batches per layer; None: all of val
+    qat: QatConfig = field(default_factory=QatConfig)
+
+
+@dataclass
 class ClaimConfig:
     """A run's part in a reproduced claim (conf/experiment/claims/, one arm per conf/arm/
     file): `ftlab-results` groups the runs of claim `id` by `arm` and seed, and compares
@@ -304,6 +337,9 @@ class ClaimConfig:
     baseline: Optional[str] = None  # the arm compared against (difference)
     treatment: Optional[str] = None  # the arm the claim is about (difference, value)
     expect: List[float] = field(default_factory=list)  # [low, high] in points
+    # More of the claim, each judged like a `value` claim on the treatment arm: results.json
+    # key -> [low, high] in points (e.g. quantize/ptq/size_ratio: [10, 25]).
+    checks: Dict[str, List[float]] = field(default_factory=dict)
     x: Optional[float] = None  # curve: this arm's position (e.g. examples per class)
 
 
@@ -323,6 +359,10 @@ class Config:
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     claim: ClaimConfig = field(default_factory=ClaimConfig)
+    # After training: int8 models of the best checkpoint, as `ftlab-quantize` makes them
+    # (conf/quantize/<rules>.yaml: `quantize=elpv_defect`); headline numbers join results.json
+    # under quantize/<variant>/. None: no quantization.
+    quantize: Optional[QuantizeConfig] = None
 
 
 class ConfigError(ValueError):

@@ -48,6 +48,9 @@ def check_config(cfg: Config) -> None:
     tasks.validate(cfg)
     from ftlab import adapt
     adapt.check(cfg.adapt)
+    if cfg.quantize is not None:
+        from ftlab import quantize
+        quantize.check(cfg.quantize)
     t = cfg.trainer
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError("trainer.monitor_mode", f"'{t.monitor_mode}' is not one of: max, min")
@@ -105,6 +108,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     groups = param_groups.assign(models.loading.param_paths(abstract), tasks.groups(cfg),
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
+    if cfg.quantize is not None:  # bad int8 rules fail before training, not after it
+        from ftlab import quantize
+        quantize.plan(build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
+                                  task_specs=specs), cfg.quantize)
     ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
                         cfg.trainer.checkpoint.keep_best)
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
@@ -130,7 +137,23 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if results.get("halted"):
         return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if cfg.quantize is not None:
+        results.update(quantized(cfg, run_dir))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def quantized(cfg: Config, run_dir: Path) -> dict:
+    """`ftlab-quantize` on the finished run (its best checkpoint, rules cfg.quantize):
+    artifacts and report in <run_dir>/quantize/, headline numbers returned."""
+    from ftlab import quantize_report
+    from ftlab.app_schema import QuantizeAppConfig
+    result, out = quantize_report.run(QuantizeAppConfig(run_dir=str(run_dir),
+                                                        quantize=cfg.quantize))
+    numbers = quantize_report.headline(result)
+    log.info("int8 (%s): %s", out, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}"
+                                             for k, v in numbers.items()))
+    return numbers
 
 
 def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:

@@ -130,17 +130,40 @@ SMOKE = ("experiment=digits_tiny", "debug=smoke", "eval.baselines=false", "eval.
          "eval.latency=false")
 
 
+QUANTIZE = ("quantize=keep_head", "quantize.rules.head.pattern=head/layers/1/.*",
+            "quantize.calibration_batches=2", "quantize.qat.lr=1e-3")
+
+
 @pytest.fixture(scope="module")
 def quantized_run(tmp_path_factory):
-    from ftlab.quantize_report import run as quantize_run
+    """A tiny run quantized at its end (`quantize=` in the training config: ftlab-quantize's
+    steps on its best checkpoint, PTQ then one QAT epoch)."""
     from ftlab.train import run
     run_dir = tmp_path_factory.mktemp("digits")
-    run(compose_cfg(*SMOKE), run_dir)
-    q = QuantizeConfig(rules={"all": QuantRule(".*", "w8a8"),
-                              "keep": QuantRule("head/layers/1/.*", "fp32")},
-                       calibration_batches=2, qat=QatConfig(epochs=1, lr=1e-3))
-    result, out = quantize_run(QuantizeAppConfig(run_dir=str(run_dir), quantize=q))
-    return run_dir, result, out
+    run(compose_cfg(*SMOKE, *QUANTIZE), run_dir)
+    out = run_dir / "quantize"
+    return run_dir, json.loads((out / "quantize.json").read_text()), out
+
+
+def test_a_training_run_reports_its_int8_numbers(quantized_run):
+    run_dir, result, out = quantized_run
+    res = json.loads((run_dir / "results.json").read_text())
+    table = result["table"]
+    for v in ("ptq", "qat"):
+        assert res[f"quantize/{v}/size_ratio"] == table[v]["size_ratio"] < 0.5
+        assert res[f"quantize/{v}/accuracy_drop"] == pytest.approx(
+            table["fp32"]["accuracy"] - table[v]["accuracy"])
+        assert res[f"quantize/{v}/latency_b32_ratio"] > 0
+
+
+def test_bad_quantize_config_fails_before_training(tmp_path):
+    from ftlab.train import run
+    for override, key in (("quantize.rules.all.mode=w4", "quantize.rules.all.mode"),
+                          ("quantize.rules.all.pattern=encoder/.*", "quantize.rules.all")):
+        with pytest.raises(ConfigError, match=key):
+            run(compose_cfg(*SMOKE, *QUANTIZE, override), tmp_path / "r")
+        assert not list((tmp_path / "r").glob("ckpt/*")) and \
+            not (tmp_path / "r" / "results.json").exists()
 
 
 def test_artifact_is_int8_with_scales_smaller_and_excluded_layers_stay_fp32(quantized_run):

@@ -126,6 +126,27 @@ def test_value_and_curve_claims_and_evidence_update(tmp_path):
     assert "**disagrees**" in (tmp_path / "r.md").read_text()
 
 
+def test_checks_judge_more_metrics_of_the_treatment_arm(tmp_path):
+    """claim.checks: each key is judged as a value on the treatment arm, with its own row in
+    the table; a check no run reported is not testable rather than silently dropped."""
+    d = definition(id="q", kind="value", baseline=None, treatment="ptq", expect=[0.5, 2.0],
+                   metric="quantize/ptq/accuracy_drop",
+                   checks={"quantize/ptq/size_ratio": [10, 25], "quantize/ptq/nope": [0, 1]})
+    for seed, (drop, size) in enumerate(((0.004, 0.27), (0.006, 0.28), (0.008, 0.29))):
+        fake_run(tmp_path, {**d, "arm": "ptq"}, seed, {"quantize/ptq/accuracy_drop": drop,
+                                                       "quantize/ptq/size_ratio": size})
+    rows = results.collect([tmp_path])
+    main, *checks = results.judged(rows)
+    by = {c["definition"]["metric"]: c for c in checks}
+    size, nope = by["quantize/ptq/size_ratio"], by["quantize/ptq/nope"]
+    assert main["verdict"] == "agrees" and main["effect"][0] == pytest.approx(0.6)
+    assert size["verdict"] == "disagrees" and size["effect"][0] == pytest.approx(28.0)
+    assert nope["verdict"] == "not testable here"
+    text = results.render(rows)
+    assert "| quantize/ptq/size_ratio | ptq: 10–25 | 28.0 ± 1.0 (n=3) | **disagrees** |" in text
+    assert "**Measured** (quantize/ptq/size_ratio): 28.0 ± 1.0 (n=3)" in text
+
+
 def test_missing_metric_is_a_one_line_error(tmp_path):
     fake_run(tmp_path, definition(id="c", arm="base", metric="test/nope"), 0,
              {"test/accuracy": 0.5})
