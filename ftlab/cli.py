@@ -37,6 +37,16 @@ OmegaConf.register_new_resolver("ftlab_dirname", run_dirname, replace=True)
 # (whose overrides are the job's) gets the value the sweep resolved first (copy_cache).
 OmegaConf.register_new_resolver("ftlab_sweep_dirname", run_dirname, use_cache=True, replace=True)
 
+
+
+def _best_param(sweep_dir: str, param: str, _node_=None):
+    from ftlab.sweeps import best_param
+    return best_param(sweep_dir, param, "?" if _node_ is None else _node_._get_full_key(None))
+
+
+# ${ftlab_best:<sweep dir>,<param>}: a finished Optuna sweep's best value of <param>.
+OmegaConf.register_new_resolver("ftlab_best", _best_param, replace=True)
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 

@@ -391,9 +391,18 @@ def from_omegaconf(cfg) -> Config:
     """The typed Config of a composed DictConfig; keys the schema lacks are an error
     (struct mode already rejects `key=v`; this catches `+key=v` too)."""
     from omegaconf import OmegaConf
-    for key in sorted(OmegaConf.missing_keys(cfg)):
-        raise ConfigError(key, f"is required; set it on the command line: {key}=...")
-    obj = OmegaConf.to_object(cfg)
+    from omegaconf.errors import InterpolationResolutionError
+    try:
+        for key in sorted(OmegaConf.missing_keys(cfg)):
+            raise ConfigError(key, f"is required; set it on the command line: {key}=...")
+        obj = OmegaConf.to_object(cfg)
+    except InterpolationResolutionError as e:  # a resolver's own ConfigError, unwrapped
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
     for key, known in _extra_keys(obj):
         raise ConfigError(key, f"unknown key; known keys here: {', '.join(known)}")
     return obj

@@ -1,6 +1,7 @@
-"""Sweeps (`ftlab-train -m`): a SLURM request checked before any job is submitted, and an
-Optuna study that resumes where a stopped invocation left off. No Hydra here: ftlab/cli.py
-applies these to the launcher and sweeper configs at the start of a multirun."""
+"""Sweeps (`ftlab-train -m`): a SLURM request checked before any job is submitted, an
+Optuna study that resumes where a stopped invocation left off, and a finished study's best
+params read back into a config. No Hydra here: ftlab/cli.py applies these to the launcher
+and sweeper configs at the start of a multirun, and registers `${ftlab_best:...}`."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from ftlab.schema import ConfigError
 
 _SBATCH_PREFIX = re.compile(r"^((sbatch: )?error: |allocation failure: |"
                             r"Batch job submission failed: )+")
@@ -62,3 +65,20 @@ def resume_study(storage: str, study_name: str) -> int:
                               TrialState.FAIL)
         study.enqueue_trial(t.params)
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def best_param(sweep_dir: str, param: str, key: str = "?"):
+    """`${ftlab_best:<sweep dir>,<param>}` (at config key `key`): the value of `param` in the
+    best trial of the finished Optuna sweep in `sweep_dir` (its optimization_results.yaml),
+    so a config can train with what a search found instead of a hand-copied number."""
+    import yaml
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    if not path.exists():
+        raise ConfigError(key, f"reads the best {param} of the Optuna sweep in {sweep_dir}, "
+                               f"which has no {path.name}; run that search first (see the "
+                               "experiment's header) or set the value by hand")
+    best = (yaml.safe_load(path.read_text()) or {}).get("best_params") or {}
+    if param not in best:
+        raise ConfigError(key, f"the sweep in {sweep_dir} did not search '{param}'; it "
+                               f"searched: {', '.join(sorted(best)) or 'nothing'}")
+    return best[param]

@@ -3,6 +3,7 @@ debug=smoke; `ftlab-results` computes means, paired differences and verdicts fro
 the committed docs/results.md is exactly what `ftlab-results` renders from the committed
 evidence."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,30 @@ def seeds_of(claim: str) -> list[str]:
     return str(cfg["hydra"]["sweeper"]["params"]["trainer.seed"]).split(",")
 
 
+BEST = re.compile(r"\$\{ftlab_best:([^,]+),([^}]+)\}")
+
+
+def fake_studies(root: Path, claim: str) -> dict:
+    """For arms reading a search's best params (${ftlab_best:<dir>,<param>}): a finished
+    study's optimization_results.yaml under `root`, as Optuna's sweeper writes it."""
+    found = {}
+    for arm in arms_of(claim):
+        for sweep, param in BEST.findall((ROOT / "conf" / "arm" / f"{arm}.yaml").read_text()):
+            found.setdefault(sweep, {})[param] = 0.25 + len(found.get(sweep, {}))
+    for sweep, params in found.items():
+        (root / sweep).mkdir(parents=True, exist_ok=True)
+        (root / sweep / "optimization_results.yaml").write_text(yaml.safe_dump(
+            {"name": "optuna", "best_params": params, "best_value": 0.9}))
+    return {p: v for params in found.values() for p, v in params.items()}
+
+
 @pytest.mark.parametrize("claim", CLAIMS)
-def test_claim_composes_for_every_arm(claim):
+def test_claim_composes_for_every_arm(claim, tmp_path, monkeypatch):
     """Each arm sets its name; the compared arms exist; a sweep has >= 3 seeds; the header
-    says what it reproduces, how it was adapted, the command and where the result is."""
+    says what it reproduces, how it was adapted, the command and where the result is. An
+    arm that reads a search's best params gets exactly them."""
+    monkeypatch.chdir(tmp_path)
+    tuned = fake_studies(tmp_path, claim)
     header = (ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml").read_text()
     for word in ("Claim", "Adapted:", f"ftlab-train -m experiment=claims/{claim}", "Result:"):
         assert word in header, word
@@ -41,6 +62,11 @@ def test_claim_composes_for_every_arm(claim):
         cfg = compose_cfg(f"experiment=claims/{claim}", f"arm={arm}")
         assert cfg.claim.id == claim and cfg.claim.arm and cfg.claim.statement
         names.append(cfg.claim.arm)
+        for param in BEST.findall((ROOT / "conf" / "arm" / f"{arm}.yaml").read_text()):
+            key, node = param[1].split("."), cfg
+            for k in key:
+                node = node[k] if isinstance(node, dict) else getattr(node, k)
+            assert node == tuned[param[1]]
     assert len(set(names)) == len(names)
     if cfg.claim.kind == "curve":  # every arm is a point: each needs its x
         xs = [compose_cfg(f"experiment=claims/{claim}", f"arm={a}").claim.x
@@ -186,9 +212,11 @@ def test_a_claim_sweep_runs_under_smoke_and_feeds_the_table(tmp_path):
 
 
 def treatment_arm(claim: str) -> str:
+    exp = yaml.safe_load((ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml")
+                         .read_text())["claim"]
     for arm in arms_of(claim):
-        cfg = compose_cfg(f"experiment=claims/{claim}", f"arm={arm}")
-        if cfg.claim.arm == cfg.claim.treatment or cfg.claim.kind == "curve":
+        name = yaml.safe_load((ROOT / "conf" / "arm" / f"{arm}.yaml").read_text())["claim"]["arm"]
+        if name == exp.get("treatment") or exp.get("kind") == "curve":
             return arm
     raise AssertionError(f"{claim}: no arm is the treatment")
 

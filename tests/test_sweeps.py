@@ -14,6 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from conftest import compose_cfg
+
 BIN = Path(sys.executable).parent / "ftlab-train"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # A few steps of tiny BERT on digits, without the report's extras: ~15 s a job once compiled.
@@ -174,3 +176,28 @@ def test_optuna_study_resumes_after_its_sweep_is_killed(tmp_path, tmp_path_facto
     assert len(finished_jobs(tmp_path)) == 3  # its run dir was reused, not a fourth
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert best.best_value == max(t.value for t in st[TrialState.COMPLETE])
+
+
+def test_best_param_reads_a_finished_study_and_names_the_key_when_it_cannot(tmp_path):
+    from ftlab.schema import ConfigError
+    from ftlab.sweeps import best_param
+    with pytest.raises(ConfigError, match=r"^tasks.severity.weight: .*run that search first"):
+        best_param(str(tmp_path), "tasks.severity.weight", "tasks.severity.weight")
+    (tmp_path / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  tasks.severity.weight: 0.31\nbest_value: 0.8\n")
+    assert best_param(str(tmp_path), "tasks.severity.weight") == 0.31
+    with pytest.raises(ConfigError, match="searched: tasks.severity.weight"):
+        best_param(str(tmp_path), "optimizer.lr", "optimizer.lr")
+
+
+def test_task_weight_search_composes_and_searches_keys_that_exist():
+    """experiment=elpv_task_weights_search: an Optuna study over keys of the composed config
+    (a misspelled key would only fail at the first trial)."""
+    import yaml
+    exp = yaml.safe_load((Path(CONF_DIR) / "experiment" / "elpv_task_weights_search.yaml")
+                         .read_text())
+    cfg = compose_cfg("experiment=elpv_task_weights_search")
+    assert cfg.weighting.scheme == "static" and cfg.trainer.monitor == "val/combined"
+    for key in exp["hydra"]["sweeper"]["params"]:
+        task, field = key.split(".")[1:]
+        assert getattr(cfg.tasks[task], field) == 1.0
