@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftlab.models.batchnorm import batch_norm
 from ftlab.models.heads import ClassifierHead
 from ftlab.models.precision import matmul
 
@@ -127,8 +128,8 @@ class Depthwise(nnx.Module):
 
 
 def _bn(size: LiteSize, n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(n, epsilon=size.bn_eps, momentum=size.bn_momentum,
-                         use_running_average=True, rngs=rngs)
+    return batch_norm(n, epsilon=size.bn_eps, momentum=size.bn_momentum,
+                      use_running_average=True, rngs=rngs)
 
 
 class Block(nnx.Module):

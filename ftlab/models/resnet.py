@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftlab.models.efficientnet import Pointwise, normalize
+from ftlab.models.batchnorm import batch_norm
 from ftlab.models.heads import ClassifierHead
 
 
@@ -100,8 +101,8 @@ def max_pool(x, k: int = 3, s: int = 2):
 
 
 def _bn(size: ResNetSize, n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(n, epsilon=size.bn_eps, momentum=0.9, use_running_average=True,
-                         rngs=rngs)
+    return batch_norm(n, epsilon=size.bn_eps, momentum=0.9, use_running_average=True,
+                      rngs=rngs)
 
 
 def _sub(x, stride: int):
