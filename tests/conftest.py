@@ -18,6 +18,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 if "FTLAB_JAX_CACHE" not in os.environ:
     os.environ["FTLAB_JAX_CACHE"] = tempfile.mkdtemp(prefix="ftlab-test-jax-")
     atexit.register(shutil.rmtree, os.environ["FTLAB_JAX_CACHE"], ignore_errors=True)
+# Decoded datasets (ftlab/data/cache.py) likewise: cold at the start, shared by the session.
+if "FTLAB_DATA_CACHE" not in os.environ:
+    os.environ["FTLAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="ftlab-test-data-")
+    atexit.register(shutil.rmtree, os.environ["FTLAB_DATA_CACHE"], ignore_errors=True)
 if os.environ["FTLAB_JAX_CACHE"]:
     from ftlab.compiles import enable_persistent_cache
     enable_persistent_cache(os.environ["FTLAB_JAX_CACHE"])

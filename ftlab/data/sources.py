@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from ftlab.data import user
+from ftlab.data.cache import cached, file_key
 from ftlab.data.examples import Examples, resize_square
 from ftlab.models.loading import resolve_path
 from ftlab.schema import ConfigError, DatasetConfig
@@ -78,16 +79,23 @@ def elpv(cfg: DatasetConfig) -> Examples:
         raise ConfigError("dataset.label", f"ELPV has no label '{label}'; known: "
                                            f"{', '.join(ELPV_LABELS)}")
     root = resolve_path("pkg://elpv_dataset/data", "dataset.name")
-    from elpv_dataset.utils import load_dataset
-    images, probs, types = load_dataset(str(Path(root) / "labels.csv"))
+    csv = Path(root) / "labels.csv"
+    table = np.genfromtxt(csv, dtype=["U64", "f8", "U8"], names=["path", "prob", "type"])
+    paths, probs, types = table["path"], table["prob"], table["type"]
+
+    def decode() -> np.ndarray:  # every image, greyscale, at the run's size
+        from elpv_dataset.utils import load_dataset
+        return resize_square(load_dataset(str(csv))[0], cfg.image_size)[..., 0]
+
+    grey = cached("elpv", {"labels": file_key(csv), "size": cfg.image_size,
+                           "resize": "pil-bilinear"}, decode)
     names, fn = ELPV_LABELS[label]
     ids = np.asarray([f"elpv/{i:04d}" for i in range(len(probs))])
-    paths = np.genfromtxt(Path(root) / "labels.csv", dtype=str, usecols=0)
     columns = {"defect_probability": probs.astype(np.float32), "cell_type": types,
                "path": np.asarray([str(Path(root) / f) for f in paths]),  # for annotators
                **{k: f(probs, types) for k, (_, f) in ELPV_LABELS.items() if k != "cell_type"}}
     return Examples(ids, fn(probs, types), names,
-                    arrays={"image": resize_square(images, cfg.image_size)}, columns=columns,
+                    arrays={"image": np.repeat(grey[..., None], 3, axis=-1)}, columns=columns,
                     column_classes={k: c for k, (c, _) in ELPV_LABELS.items()})
 
 
