@@ -29,8 +29,9 @@ run: setup
 test: setup
 	# pytest exits 5 when it collects no tests: say so instead of failing obscurely.
 	# Two workers (this CPU's two cores), one test file each at a time: module fixtures stay
-	# shared within a file. The tests' own subprocesses and I/O waits overlap the other's work.
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	# shared within a file, longest files first (tests/conftest.py). The tests' own subprocesses
+	# and I/O waits overlap the other's work.
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
