@@ -158,7 +158,9 @@ def assess(rows: list[dict]) -> dict:
     if kind == "value":
         m = table[d["treatment"]]
         verdict = "agrees" if lo <= m[0] <= hi else "disagrees"
-        return {**out, "effect": m, "verdict": verdict, "measured": _pm(*m)}
+        side = "" if verdict == "agrees" else \
+            f", {'above' if m[0] > hi else 'below'} the claimed range"
+        return {**out, "effect": m, "verdict": verdict, "measured": _pm(*m) + side}
     if kind == "curve":  # expect: [x where the claim says it plateaus, tolerance in points]
         order = sorted(arms, key=lambda a: out["x"][a])
         xs = [out["x"][a] for a in order]

@@ -169,7 +169,8 @@ def test_checks_judge_more_metrics_of_the_treatment_arm(tmp_path):
     assert size["verdict"] == "disagrees" and size["effect"][0] == pytest.approx(28.0)
     assert nope["verdict"] == "not testable here"
     text = results.render(rows)
-    assert "| quantize/ptq/size_ratio | ptq: 10–25 | 28.0 ± 1.0 (n=3) | **disagrees** |" in text
+    assert ("| quantize/ptq/size_ratio | ptq: 10–25 | 28.0 ± 1.0 (n=3), above the claimed range "
+            "| **disagrees** |") in text
     assert "**Measured** (quantize/ptq/size_ratio): 28.0 ± 1.0 (n=3)" in text
 
 
