@@ -41,6 +41,20 @@ def test_folder_dataset_trains_under_smoke(tmp_path):
     assert "scratch/000.png" in manifest and "ok/015.png" in manifest
 
 
+def test_folder_images_come_from_the_cache_until_a_file_changes(tmp_path, monkeypatch):
+    """Decoded once (ftlab/data/cache.py); an edited image is decoded again, never stale."""
+    from ftlab.data import user
+    root = make_folder(tmp_path / "imgs", n=3)
+    cfg = compose_cfg(*TINY, "dataset=folder", f"dataset.path={root}").dataset
+    first = user.folder(cfg).arrays["image"]
+    decoded, real = [], user.read_image
+    monkeypatch.setattr(user, "read_image", lambda p, size: decoded.append(p) or real(p, size))
+    assert np.array_equal(user.folder(cfg).arrays["image"], first) and not decoded
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(root / "ok" / "001.png")
+    again = user.folder(cfg).arrays["image"]
+    assert len(decoded) == 6 and (again[1] == 7).all() and np.array_equal(again[0], first[0])
+
+
 def test_csv_image_table_trains_with_env_and_group_columns(tmp_path):
     make_folder(tmp_path / "imgs")
     rows = [{"file": f"imgs/{c}/{i:03d}.png", "label": c, "site": ["a", "b"][i % 2],

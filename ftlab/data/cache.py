@@ -1,4 +1,5 @@
-"""Decoded inputs cached on disk, so a run does not decode a whole image dataset again.
+"""Decoded inputs cached on disk, so a run does not decode a whole image dataset again
+(ELPV, and `dataset=folder`).
 
 ELPV ships 2624 PNGs: decoding and resizing all of them took ~6 s of every ELPV run on this
 CPU (a `debug=smoke` run and its 120 images included, since near-duplicate grouping and the
