@@ -30,8 +30,8 @@ test: setup
 	# pytest exits 5 when it collects no tests: say so instead of failing obscurely.
 	# Two workers (this CPU's two cores), one test file each at a time: module fixtures stay
 	# shared within a file, longest files first (tests/conftest.py). The tests' own subprocesses
-	# and I/O waits overlap the other's work.
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	# and I/O waits overlap the other's work. The 30 slowest tests are listed (for that order).
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
