@@ -110,8 +110,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     log.info("param groups:\n%s", groups.table())
     if cfg.quantize is not None:  # bad int8 rules fail before training, not after it
         from ftlab import quantize
-        quantize.plan(build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
-                                  task_specs=specs), cfg.quantize)
+        skeleton = build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
+                               task_specs=specs)
+        quantize.plan(skeleton, cfg.quantize)
+        if cfg.quantize.qat.epochs:
+            quantize.qat_paths(cfg, cfg.quantize.qat, skeleton)
     ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
                         cfg.trainer.checkpoint.keep_best)
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)

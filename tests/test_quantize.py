@@ -159,7 +159,8 @@ def test_a_training_run_reports_its_int8_numbers(quantized_run):
 def test_bad_quantize_config_fails_before_training(tmp_path):
     from ftlab.train import run
     for override, key in (("quantize.rules.all.mode=w4", "quantize.rules.all.mode"),
-                          ("quantize.rules.all.pattern=encoder/.*", "quantize.rules.all")):
+                          ("quantize.rules.all.pattern=encoder/.*", "quantize.rules.all"),
+                          ("quantize.qat.train=nothing/.*", "quantize.qat.train")):
         with pytest.raises(ConfigError, match=key):
             run(compose_cfg(*SMOKE, *QUANTIZE, override), tmp_path / "r")
         assert not list((tmp_path / "r").glob("ckpt/*")) and \
