@@ -201,6 +201,27 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
     return result, out
 
 
+def check_training_config(cfg, num_classes: int, specs) -> None:
+    """A training config's `quantize` rules (and QAT regex) against the model it builds,
+    before training: what `run` would refuse after it."""
+    from ftlab.train import build_model
+    skeleton = build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
+                           task_specs=specs)
+    quantize.plan(skeleton, cfg.quantize)
+    if cfg.quantize.qat.epochs:
+        quantize.qat_paths(cfg, cfg.quantize.qat, skeleton)
+
+
+def after_training(cfg, run_dir: Path) -> dict:
+    """`run` on a training run that just finished (its best checkpoint, rules
+    cfg.quantize): artifacts and report in <run_dir>/quantize/, headline numbers returned."""
+    result, out = run(QuantizeAppConfig(run_dir=str(run_dir), quantize=cfg.quantize))
+    numbers = headline(result)
+    log.info("int8 (%s): %s", out, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}"
+                                             for k, v in numbers.items()))
+    return numbers
+
+
 def headline(result: dict) -> dict:
     """Flat numbers of each int8 variant against fp32, for a training run's results.json:
     quantize/<variant>/{accuracy, macro_f1, accuracy_drop, size_ratio, latency_b<n>_ratio}

@@ -109,12 +109,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                  cfg.schedule.phases)
     log.info("param groups:\n%s", groups.table())
     if cfg.quantize is not None:  # bad int8 rules fail before training, not after it
-        from ftlab import quantize
-        skeleton = build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
-                               task_specs=specs)
-        quantize.plan(skeleton, cfg.quantize)
-        if cfg.quantize.qat.epochs:
-            quantize.qat_paths(cfg, cfg.quantize.qat, skeleton)
+        from ftlab import quantize_report
+        quantize_report.check_training_config(cfg, num_classes, specs)
     ckpts = Checkpoints(run_dir / "ckpt", cfg.trainer.monitor, cfg.trainer.monitor_mode,
                         cfg.trainer.checkpoint.keep_best)
     splits.write_manifest(run_dir / "manifest.csv", ex.ids, ex.labels, ex.class_names, parts)
@@ -141,22 +137,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return results
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     if cfg.quantize is not None:
-        results.update(quantized(cfg, run_dir))
+        from ftlab import quantize_report
+        results.update(quantize_report.after_training(cfg, run_dir))
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def quantized(cfg: Config, run_dir: Path) -> dict:
-    """`ftlab-quantize` on the finished run (its best checkpoint, rules cfg.quantize):
-    artifacts and report in <run_dir>/quantize/, headline numbers returned."""
-    from ftlab import quantize_report
-    from ftlab.app_schema import QuantizeAppConfig
-    result, out = quantize_report.run(QuantizeAppConfig(run_dir=str(run_dir),
-                                                        quantize=cfg.quantize))
-    numbers = quantize_report.headline(result)
-    log.info("int8 (%s): %s", out, ", ".join(f"{k.split('/', 1)[1]}={v:.4f}"
-                                             for k, v in numbers.items()))
-    return numbers
 
 
 def epoch_order(cfg: Config, train, phase: int, epoch: int) -> np.ndarray:
