@@ -38,7 +38,6 @@ OmegaConf.register_new_resolver("ftlab_dirname", run_dirname, replace=True)
 OmegaConf.register_new_resolver("ftlab_sweep_dirname", run_dirname, use_cache=True, replace=True)
 
 
-
 def _best_param(sweep_dir: str, param: str, _node_=None):
     from ftlab.sweeps import best_param
     return best_param(sweep_dir, param, "?" if _node_ is None else _node_._get_full_key(None))

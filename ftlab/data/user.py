@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftlab.data.cache import cached
+from ftlab.data.cache import cached, file_key
 from ftlab.data.examples import Examples, resize_square
 from ftlab.models.loading import resolve_path
 from ftlab.schema import ConfigError, DatasetConfig
@@ -50,10 +50,8 @@ def folder(cfg: DatasetConfig) -> Examples:
         raise ConfigError("dataset.path", f"no images under {root}/<class>/; expected one "
                                           f"subfolder per class with {', '.join(IMAGE_SUFFIXES)}")
     labels, classes = _label_ids([p.parent.name for p in files], cfg, str(root))
-    stats = [p.stat() for p in files]  # decoded once per image size, until a file changes
-    key = {"root": str(root), "size": cfg.image_size, "resize": "pil-bilinear-rgb",
-           "files": [[str(p.relative_to(root)), st.st_size, st.st_mtime_ns]
-                     for p, st in zip(files, stats)]}
+    key = {"size": cfg.image_size, "resize": "pil-bilinear-rgb",  # until a file changes
+           "files": [file_key(p) for p in files]}
     images = cached("folder", key, lambda: np.stack([read_image(p, cfg.image_size)
                                                      for p in files]))
     ids = np.asarray([str(p.relative_to(root)) for p in files])
