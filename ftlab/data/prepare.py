@@ -10,7 +10,7 @@ from ftlab.data.grouped import grouped_split
 from ftlab.data.leakage import LeakReport
 from ftlab.data.summary import check_classes_present
 from ftlab.data.batches import ArrayData
-from ftlab.data.tokenize import encode, load_tokenizer
+from ftlab.data.tokenize import tokenize
 from ftlab.schema import Config, ConfigError, DatasetConfig, ModelConfig
 from ftlab.tasks import Task, resolve
 
@@ -115,8 +115,8 @@ def inputs(ex: Examples, dcfg: DatasetConfig,
     if spec is None:
         raise ConfigError("model.tokenizer", f"dataset '{dcfg.name}' is text; give the "
                                              "model a tokenizer.json path")
-    tok = load_tokenizer(spec, dcfg.max_length)
-    return encode(tok, ex.texts), special_tokens(tok)
+    arrays, tok = tokenize(spec, dcfg.max_length, ex.texts)
+    return arrays, special_tokens(tok)
 
 
 def special_tokens(tok) -> dict:
