@@ -322,9 +322,14 @@ def results(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(res.OUT), help="the markdown table")
     p.add_argument("--include-smoke", action="store_true",
                    help="keep debug=smoke runs (never for the published table)")
+    p.add_argument("--headers", default=str(Path(CONF_DIR) / "experiment" / "claims"),
+                   help="rewrite the '# Result:' lines of the claim configs here from the "
+                        "evidence (not with --include-smoke)")
+    p.add_argument("--no-headers", action="store_true", help="leave the claim configs alone")
     args = p.parse_args(argv)
+    headers = None if args.no_headers or args.include_smoke else Path(args.headers)
     try:
-        rows, text = res.run(args.dirs, args.evidence, args.out, args.include_smoke)
+        rows, text = res.run(args.dirs, args.evidence, args.out, args.include_smoke, headers)
     except _errors() as e:
         _fail(e)
     claims = sorted({r["claim"] for r in rows})

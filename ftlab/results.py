@@ -5,13 +5,16 @@ sweeps its arms, conf/arm/, over seeds). `collect` reads every such run under th
 into evidence rows (one per run: claim, arm, seed, the claim's metric and its definition);
 `update` replaces the evidence of the claims it found in `docs/results/claims.jsonl` and keeps
 the others; `render` turns the evidence into `docs/results.md`. The markdown is a pure
-function of the evidence file, so a test can check the committed table was generated.
+function of the evidence file, so a test can check the committed table was generated; so are
+the `# Result:` lines in the claims' configs (`write_headers`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +235,42 @@ def render(evidence_rows: list[dict], include_smoke: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(dirs, evidence: Path = EVIDENCE, out: Path = OUT, include_smoke: bool = False
-        ) -> tuple[list[dict], str]:
-    """Collect `dirs`, update the evidence, write the markdown: (new rows, markdown)."""
+RESULT = re.compile(r"^# Result:.*\n(?:#   .*\n)*", re.M)
+
+
+def header(claim: str, evidence_rows: list[dict]) -> str:
+    """The `# Result:` lines of a claim's config: each check's verdict and measurement."""
+    rows = [r for r in evidence_rows if r["claim"] == claim and not r["smoke"]]
+    if not rows:
+        text = "Result: not measured yet (run the command above, then ftlab-results)"
+    else:
+        text = "Result: " + "; ".join(f"{a['verdict']}, {a['definition']['metric']} "
+                                      f"{a['measured']}" for a in judged(rows))
+        text += f" (docs/results.md#{claim})"
+    return "\n".join(textwrap.wrap(text, 93, initial_indent="# ",
+                                   subsequent_indent="#   ", break_on_hyphens=False)) + "\n"
+
+
+def write_headers(claims_dir: Path, evidence_rows: list[dict]) -> list[str]:
+    """Rewrite the `# Result:` lines of every claim config in `claims_dir` from the evidence;
+    returns the claims whose file changed."""
+    changed = []
+    for path in sorted(Path(claims_dir).glob("*.yaml")):
+        text = path.read_text()
+        if not RESULT.search(text):
+            raise ConfigError("claim", f"{path} has no '# Result:' header line; add one "
+                                       "after its '# Run:' lines")
+        new = RESULT.sub(lambda _: header(path.stem, evidence_rows), text, count=1)
+        if new != text:
+            path.write_text(new)
+            changed.append(path.stem)
+    return changed
+
+
+def run(dirs, evidence: Path = EVIDENCE, out: Path = OUT, include_smoke: bool = False,
+        headers: Path | None = None) -> tuple[list[dict], str]:
+    """Collect `dirs`, update the evidence, write the markdown (and, given `headers`, the
+    claims' `# Result:` lines there): (new rows, markdown)."""
     rows = collect(dirs)
     if not include_smoke:
         rows = [r for r in rows if not r["smoke"]]
@@ -243,4 +279,6 @@ def run(dirs, evidence: Path = EVIDENCE, out: Path = OUT, include_smoke: bool = 
     text = render(merged, include_smoke)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
+    if headers is not None:
+        write_headers(headers, merged)
     return rows, text

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import compose_cfg
 from ftlab import results
+from ftlab.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = sorted(p.stem for p in (ROOT / "conf" / "experiment" / "claims").glob("*.yaml"))
@@ -192,6 +193,36 @@ def test_committed_results_table_is_generated_from_the_evidence():
     assert not any(r["smoke"] for r in ev)
     for r in ev:
         assert r["claim"] in CLAIMS, f"evidence of a claim with no experiment: {r['claim']}"
+    for claim in CLAIMS:  # each config's header carries its result, as ftlab-results wrote it
+        text = (ROOT / "conf" / "experiment" / "claims" / f"{claim}.yaml").read_text()
+        assert results.RESULT.search(text).group(0) == results.header(claim, ev), claim
+
+
+def fake_row(claim: str, arm: str, seed: int, value: float) -> dict:
+    return {"claim": claim, "arm": arm, "seed": seed, "value": value, "extra": {}, "x": None,
+            "smoke": False, "run": f"runs/{claim}/{arm}/{seed}", "train_seconds": 60.0,
+            "definition": definition(baseline="base", treatment="treat")}
+
+
+def test_result_headers_follow_the_evidence(tmp_path):
+    """write_headers rewrites only the `# Result:` block (and its continuation lines); a
+    config without one is refused with the fix."""
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    body = "# Claim: x\n# Run: ftlab-train -m experiment=claims/a\n{}defaults: []\n"
+    (claims / "a.yaml").write_text(body.format("# Result: old\n#   more old\n"))
+    rows = [fake_row("a", "base", s, 0.50) for s in range(3)] + \
+        [fake_row("a", "treat", s, 0.53 + s / 100) for s in range(3)]
+    assert results.write_headers(claims, rows) == ["a"]
+    text = (claims / "a.yaml").read_text()
+    assert "old" not in text and text.startswith("# Claim: x\n# Run:")
+    assert "# Result: agrees, test/accuracy +4.0 ± 1.0 points" in text
+    assert text.endswith("(docs/results.md#a)\ndefaults: []\n")
+    assert results.write_headers(claims, rows) == []  # unchanged the second time
+    assert "not measured yet" in results.header("b", rows)
+    (claims / "b.yaml").write_text("defaults: []\n")
+    with pytest.raises(ConfigError, match="no '# Result:' header line"):
+        results.write_headers(claims, rows)
 
 
 @pytest.mark.slow
@@ -199,6 +230,7 @@ def test_a_claim_sweep_runs_under_smoke_and_feeds_the_table(tmp_path):
     """`ftlab-train -m experiment=claims/<claim> debug=smoke` runs its arms (the sweep's
     own params), and `ftlab-results --include-smoke` reads them back."""
     bindir = Path(sys.executable).parent
+    configs = {p: p.read_text() for p in (ROOT / "conf" / "experiment" / "claims").glob("*")}
     out = subprocess.run([str(bindir / "ftlab-train"), "-m", "experiment=claims/ft_vs_fe",
                           "debug=smoke", "trainer.seed=0"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=900, check=False)
@@ -210,6 +242,7 @@ def test_a_claim_sweep_runs_under_smoke_and_feeds_the_table(tmp_path):
     ev = results.read(tmp_path / "ev.jsonl")
     assert {r["arm"] for r in ev} == {"feature_extraction", "fine_tune"}
     assert all(r["smoke"] for r in ev) and "ft_vs_fe" in (tmp_path / "r.md").read_text()
+    assert all(p.read_text() == text for p, text in configs.items())  # smoke: headers untouched
 
 
 def treatment_arm(claim: str) -> str:
