@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -195,8 +196,8 @@ def strict_merge(model: nnx.Module, mapped: Mapping[str, tuple[str, np.ndarray]]
     state = nnx.state(model, WEIGHTS)
     for p, var in nnx.to_flat_state(state):
         key = "/".join(map(str, p))
-        if key in mapped:
-            var[...] = mapped[key][1].astype(var[...].dtype)
+        if key in mapped:  # also into an abstract model (shapes only): see models.build
+            var.set_raw_value(jnp.asarray(mapped[key][1], var.get_raw_value().dtype))
     nnx.update(model, state)
     return fresh
 
