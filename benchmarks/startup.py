@@ -1,6 +1,7 @@
 """Start-up cost: wall time of `ftlab-train ... trainer.halt_after_steps=1` (start, load data
-and weights, compile, one step, save, exit), with an empty and then a warm persistent
-compilation cache (FTLAB_JAX_CACHE), in fresh run dirs.
+and weights, compile, one step, save, exit), with empty and then warm caches (the persistent
+compilation cache FTLAB_JAX_CACHE and the data cache FTLAB_DATA_CACHE: token ids, splits,
+decoded images), in fresh run dirs.
 
 Run: python benchmarks/startup.py [--args "experiment=bbc_minilm schedule=full"]
 """
@@ -25,7 +26,8 @@ def main() -> None:
     ap.add_argument("--args", default="experiment=bbc_minilm schedule=full")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "FTLAB_JAX_CACHE": f"{tmp}/cache", "WANDB_MODE": "disabled"}
+        env = {**os.environ, "FTLAB_JAX_CACHE": f"{tmp}/cache",
+               "FTLAB_DATA_CACHE": f"{tmp}/data", "WANDB_MODE": "offline"}
         times = {}
         for name in ("cold", "warm"):
             cmd = [str(BIN), *shlex.split(args.args), "trainer.halt_after_steps=1",
