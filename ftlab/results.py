@@ -155,8 +155,9 @@ def assess(rows: list[dict]) -> dict:
             half = stats.t.ppf(0.975, diff[2] - 1) * diff[1] / math.sqrt(diff[2])
             measured = (f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds; "
                         f"95% CI {m - half:+.1f} to {m + half:+.1f})")
-            if lo > 0 and m - half <= 0 <= m + half and verdict != "agrees":
-                verdict = "inconclusive"  # a claimed gain the seeds cannot tell from none
+            if lo >= 0 and m - half <= 0 <= m + half and verdict != "agrees":
+                # a claimed gain (or "at least as good": lo = 0) the seeds cannot tell from none
+                verdict = "inconclusive"
         return {**out, "effect": diff, "verdict": verdict, "measured": measured}
     if kind == "value":
         m = table[d["treatment"]]

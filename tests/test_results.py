@@ -130,6 +130,19 @@ def test_a_gain_within_the_seeds_noise_is_inconclusive(tmp_path):
     assert "95% CI -" in a["measured"]
 
 
+@pytest.mark.parametrize("new, verdict", [((0.69, 0.73, 0.69), "inconclusive"),
+                                          ((0.60, 0.61, 0.60), "disagrees")])
+def test_at_least_as_good_claims_need_the_interval_below_zero_to_disagree(tmp_path, new,
+                                                                          verdict):
+    """expect [0, x] claims "no worse": a small loss inside the seeds' noise is inconclusive,
+    a clear one disagrees."""
+    for seed, (b, n) in enumerate(zip((0.70, 0.72, 0.70), new)):
+        d = definition(id="c", arm="base", expect=[0, 5])
+        fake_run(tmp_path, d, seed, {"test/accuracy": b})
+        fake_run(tmp_path, {**d, "arm": "new"}, seed, {"test/accuracy": n})
+    assert results.assess(results.collect([tmp_path]))["verdict"] == verdict
+
+
 def test_value_and_curve_claims_and_evidence_update(tmp_path):
     v = definition(id="v", kind="value", baseline=None, treatment="cnn", expect=[86, 90])
     for seed, acc in enumerate((0.87, 0.88, 0.89)):
