@@ -101,6 +101,10 @@ class Checkpoints:
         out = _restore(self.latest, step, **targets)
         return out["params"], out.get("opt")
 
+    def best_metrics(self) -> dict[str, float]:
+        """The val metrics the best checkpoint was saved with (its monitor among them)."""
+        return dict(self.best.metrics(self.best.best_step()) or {})
+
     def restore_best(self, params_target) -> tuple[int, Any]:
         step = self.best.best_step()
         return step, _restore(self.best, step, params=params_target)["params"]

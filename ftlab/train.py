@@ -390,6 +390,10 @@ class Trainer:
             curves=evaluate.read_curves(self.run_dir),
             title=f"{self.cfg.name}: test split, best checkpoint (step {best_step})")
         out = {f"val/{k}": v for k, v in ev["val_metrics"].items()}
+        # what the best checkpoint was chosen by (val/combined, per-task metrics): the value
+        # ftlab-train returns to a sweep, an Optuna study's objective
+        out.setdefault(self.cfg.trainer.monitor,
+                       self.ckpts.best_metrics().get(self.cfg.trainer.monitor))
         out.update(evaluate.headline(ev, "test"))
         if self.cfg.peft.lora or self.cfg.peft.adapters:
             out.update(peft.export(model, self.cfg.peft, self.run_dir, self._predict_test))

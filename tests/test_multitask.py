@@ -169,6 +169,9 @@ def test_multitask_run_learns_uncertainty_weights_in_their_own_group(tmp_path):
     assert {"val/score/r2", "val/combined", "train/shape/loss", "task_weight/tags"} <= set(last)
     assert last["val/combined"] == pytest.approx(
         0.5 * last["val/defect/macro_f1"] - 0.5 * last["val/score/mae"])
+    # the monitored value at the best checkpoint is a result: a sweep's objective
+    best = [r for r in rows if r["step"] == results["best_step"]][-1]
+    assert results["val/combined"] == pytest.approx(best["val/combined"])
     ev = json.loads((tmp_path / "run" / "eval" / "test" / "eval.json").read_text())
     assert set(ev["tasks"]) == {"defect", "shape", "score", "tags"}
     assert set(ev["tasks"]["score"]["slices"]["site"]) == {"x", "y"}
