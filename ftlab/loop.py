@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ftlab import metrics
 from ftlab.data.batches import ArrayData, batches
+from ftlab.data.cache import array_digest, cached
 from ftlab.tasks import Task, primary, task_metrics
 
 
@@ -78,9 +79,22 @@ def predict(eval_fn, state, data: ArrayData, batch_size: int, limit: int | None 
 
 
 def cache_prefix(prefix_fn, state, data: ArrayData, batch_size: int,
-                 limit: int | None = None) -> ArrayData:
-    """The frozen stages' output for every row (up to `limit` batches), as new inputs."""
-    hidden, _ = predict(prefix_fn, state, data, batch_size, limit)
+                 limit: int | None = None, key: dict | None = None) -> ArrayData:
+    """The frozen stages' output for every row (up to `limit` batches), as new inputs.
+
+    With `key` (what the stages compute depends on: `step.stages_key`) the output is also
+    kept in the data cache, keyed by it and by the inputs, so the runs of a sweep that share
+    a frozen backbone and data compute it once.
+    """
+    def build():
+        return predict(prefix_fn, state, data, batch_size, limit)[0]
+
+    if key is None:
+        hidden = build()
+    else:
+        inputs = {k: array_digest(v) for k, v in sorted(data.arrays.items())}
+        hidden = cached("frozen", {**key, "inputs": inputs, "batch_size": batch_size,
+                                   "limit": limit}, build)
     rows = len(hidden)
     keep = {k: v[:rows] for k, v in data.arrays.items() if k != "input_ids"}
     return ArrayData({**keep, "hidden": hidden})

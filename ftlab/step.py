@@ -5,10 +5,14 @@ backward pass, and only it is passed to the optimizer.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -47,6 +51,27 @@ def first_trainable_stage(model: nnx.Module, trainable: set[str]) -> int:
         if any(p.startswith(prefix) for p in trainable):
             return i
     return 0
+
+
+def stages_key(model: nnx.Module, start: int, stop: int) -> dict:
+    """What stages [start, stop) of `model` compute in inference mode depends on, for caching
+    their output across runs: those stages' variables, the model's structure and static
+    settings (the graphdef: dtypes, modes), the model code, jax's version and XLA's flags."""
+    prefixes = tuple(model.stage_prefixes()[start:stop])
+    h = hashlib.sha256()
+    for path, v in sorted(nnx.to_flat_state(nnx.state(model)),
+                          key=lambda item: "/".join(map(str, item[0]))):
+        name = "/".join(map(str, path))
+        if name.startswith(prefixes):
+            a = np.asarray(v.get_raw_value())
+            h.update(f"{name}{a.shape}{a.dtype.str}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    code = hashlib.sha256()
+    for f in sorted((Path(__file__).parent / "models").glob("*.py")):
+        code.update(f.read_bytes())
+    return {"stages": [start, stop], "variables": h.hexdigest(), "code": code.hexdigest(),
+            "graph": hashlib.sha256(repr(nnx.graphdef(model)).encode()).hexdigest(),
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _task_list(tasks, class_weights) -> list[Task]:

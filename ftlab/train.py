@@ -37,7 +37,7 @@ from ftlab.schema import Config, ConfigError
 from ftlab.models.loading import WEIGHTS
 from ftlab.models.precision import set_compute_dtype
 from ftlab.step import (first_trainable_stage, make_eval_step, make_train_step, set_modes,
-                        split_for_training)
+                        split_for_training, stages_key)
 
 log = logging.getLogger(__name__)
 
@@ -348,19 +348,20 @@ class Trainer:
         graphdef, state = nnx.graphdef(model), nnx.state(model)
         if base > 0 and (self.cache is None or self.cache[0] != base):
             began = time.perf_counter()
-            prefix = make_eval_step(graphdef, 0, base)
-            self.cache = (base, cache_prefix(prefix, state, data["train"], t.eval_batch_size),
+            prefix, key = make_eval_step(graphdef, 0, base), stages_key(model, 0, base)
+            self.cache = (base, cache_prefix(prefix, state, data["train"], t.eval_batch_size,
+                                             key=key),
                           cache_prefix(prefix, state, data["val"], t.eval_batch_size,
-                                       t.limit_eval_batches))
+                                       t.limit_eval_batches, key=key))
             log.info("cached frozen stages 0-%d for %d train + %d val rows (%.0f MB, %.1f s)",
                      base - 1, len(self.cache[1]), len(self.cache[2]),
                      sum(c.arrays["hidden"].nbytes for c in self.cache[1:]) / 2**20,
                      time.perf_counter() - began)
         src, train, val = self.cache if base > 0 else (0, data["train"], data["val"])
         if start > src:
-            mid = make_eval_step(graphdef, src, start)
-            train = cache_prefix(mid, state, train, t.eval_batch_size)
-            val = cache_prefix(mid, state, val, t.eval_batch_size, t.limit_eval_batches)
+            mid, key = make_eval_step(graphdef, src, start), stages_key(model, src, start)
+            train = cache_prefix(mid, state, train, t.eval_batch_size, key=key)
+            val = cache_prefix(mid, state, val, t.eval_batch_size, t.limit_eval_batches, key=key)
         return train, val
 
     def _predict_test(self, model):

@@ -88,3 +88,45 @@ def test_texts_are_tokenized_once(builds, monkeypatch):
         assert np.array_equal(a[k], want[k]) and np.array_equal(b[k], want[k])
         assert a[k].dtype == np.int32 and c[k].shape == (3, 8)
     assert tok.token_to_id("[CLS]") == a["input_ids"][0, 0]
+
+
+def test_frozen_stage_outputs_are_kept_per_weights_and_inputs(tmp_path, monkeypatch):
+    """A sweep's runs share a frozen backbone: its output on the same inputs is computed once,
+    bit-identical to computing it; other frozen weights or inputs compute again, while the
+    head (outside the cached stages) does not matter."""
+    from flax import nnx
+    from ftlab.data.batches import ArrayData
+    from ftlab.loop import cache_prefix
+    from ftlab.models.efficientnet import VARIANTS, EfficientNetLite
+    from ftlab.step import make_eval_step, stages_key
+
+    monkeypatch.setenv("FTLAB_DATA_CACHE", str(tmp_path / "cache"))
+    model = EfficientNetLite(VARIANTS["tiny"], 3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    data = ArrayData({"image": rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8),
+                      "label": np.arange(5) % 3})
+    calls = []
+    fn = make_eval_step(nnx.graphdef(model), 0, 3)
+
+    def counted(state, batch):
+        calls.append(1)
+        return fn(state, batch)
+
+    def run(m, d):
+        return cache_prefix(counted, nnx.state(m), d, 2, key=stages_key(m, 0, 3)).arrays["hidden"]
+
+    first = run(model, data)
+    assert len(calls) == 3  # 5 rows in batches of 2
+    again = run(model, data)
+    assert len(calls) == 3 and np.array_equal(first, again)
+    plain = cache_prefix(fn, nnx.state(model), data, 2).arrays["hidden"]
+    assert first.tobytes() == plain.tobytes()
+    model.head.layers[-1].kernel[...] = model.head.layers[-1].kernel[...] + 1.0  # not cached
+    run(model, data)
+    assert len(calls) == 3
+    model.blocks[0].depthwise.kernel[...] = model.blocks[0].depthwise.kernel[...] * 2.0
+    changed = run(model, data)
+    assert len(calls) == 6 and not np.array_equal(changed, first)
+    other = ArrayData({**data.arrays, "image": data.arrays["image"][::-1].copy()})
+    run(model, other)
+    assert len(calls) == 9

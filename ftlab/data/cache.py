@@ -34,6 +34,16 @@ def file_key(path: Path | str) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def array_digest(*arrays: np.ndarray) -> str:
+    """sha256 over arrays' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype.str}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def cached(name: str, key: dict, build: Callable[[], np.ndarray]) -> np.ndarray:
     """`build()`'s array, from `<cache dir>/<name>-<hash of key>.npy` when it is there."""
     root = cache_dir()
@@ -47,6 +57,8 @@ def cached(name: str, key: dict, build: Callable[[], np.ndarray]) -> np.ndarray:
         except (OSError, ValueError) as e:  # truncated or foreign: rebuild it
             log.warning("rebuilding %s (%s)", path, e)
     array = build()
+    if array.dtype.isbuiltin != 1:  # e.g. bfloat16: np.load would not give it back
+        return array
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=root, suffix=".npy.tmp")
