@@ -115,6 +115,17 @@ def section(machine: str, r: dict[str, dict]) -> str:
                              fmt(get("latency_b32"), 2), fmt(100 * get("accuracy_drop"), 2)])
         parts.append(table(["model", "variant", "size x fp32", "latency b1 x", "latency b32 x",
                             "accuracy drop (points)"], rows))
+    dw = [k for k in r if k.startswith("depthwise/")]
+    if dw:
+        parts.append("### Depthwise convs: hand-written gradient vs autodiff of the same "
+                     "forward (EfficientNet-Lite0, batch 32, 128 px)")
+        parts.append(table(["case", "autodiff", "hand-written", "speedup"], [
+            [k.split("/", 1)[1],
+             fmt(r[k]["autodiff_ms"], 1) + " ms" if "autodiff_ms" in r[k]
+             else fmt(r[k]["autodiff_s"], 3) + " s",
+             fmt(r[k]["hand_ms"], 1) + " ms" if "hand_ms" in r[k]
+             else fmt(r[k]["hand_s"], 3) + " s",
+             fmt(r[k]["value"], 2)] for k in dw]))
     st = [k for k in r if k.startswith("startup/") and k.endswith("_cache")]
     if st:
         parts.append("### Start-up: `ftlab-train` to first step and exit (goal warm <= 15 s)")

@@ -40,3 +40,31 @@ def test_lite0_without_skipping_its_classifier_reports_the_head_mismatch():
     with pytest.raises(models.loading.LoadError) as e:
         models.build(cfg, 2, seed=0)
     assert "_fc.weight" in str(e.value) and "(1000" in str(e.value)
+
+
+@pytest.mark.parametrize("n,h,w,c,k,s", [(2, 9, 7, 3, 3, 1), (2, 9, 8, 3, 3, 2), (1, 6, 6, 4, 5, 2),
+                                         (3, 5, 5, 2, 5, 1), (2, 7, 10, 3, 5, 2), (1, 4, 4, 2, 3, 2)])
+def test_depthwise_conv_matches_a_reference_conv_and_its_gradients(n, h, w, c, k, s):
+    """The hand-written depthwise conv and its custom gradient (ftlab.models.efficientnet)
+    against lax.conv_general_dilated with TF SAME padding and autodiff."""
+    import jax
+    from jax import lax
+    from ftlab.models.efficientnet import depthwise_conv, same_pad
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, h, w, c)).astype(np.float32)
+    kernel = rng.normal(size=(k, k, c)).astype(np.float32)
+    g = rng.normal(size=(n, -(-h // s), -(-w // s), c)).astype(np.float32)
+
+    def reference(x, kernel):
+        return lax.conv_general_dilated(x, kernel[:, :, None, :], (s, s),
+                                        [same_pad(h, k, s), same_pad(w, k, s)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=c,
+                                        precision=lax.Precision.HIGHEST)
+
+    out, vjp = jax.vjp(lambda x, kn: depthwise_conv(x, kn, s), x, kernel)
+    want, want_vjp = jax.vjp(reference, x, kernel)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

@@ -2,13 +2,14 @@
 and head) in Flax nnx, with TF "SAME" padding and BatchNorm eps 1e-3 like the original.
 
 XLA's CPU convolutions are slow, so this writes 1x1 convs as matmuls, depthwise convs as
-shifted multiply-adds and the stem conv as patches @ kernel; on GPU the same code runs
-through cuBLAS matmuls and fused elementwise kernels.
+shifted multiply-adds (with a hand-written gradient) and the stem conv as patches @ kernel;
+on GPU the same code runs through cuBLAS matmuls and fused elementwise kernels.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +75,75 @@ def same_pad(size: int, k: int, s: int) -> tuple[int, int]:
 
 
 def _windows(x, k: int, s: int):
-    """The k*k strided shifted views of x (NHWC) under SAME padding, row-major in (i, j)."""
-    h, w = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), same_pad(h, k, s), same_pad(w, k, s), (0, 0)))
+    """The k*k views of x (NHWC) that a stride-s k x k window reads under SAME padding,
+    row-major in (i, j). With s > 1 they are stride-1 slices of the s*s phase images of the
+    padded input (rows and columns split by their index mod s), which XLA's CPU loops read
+    faster than strided slices."""
+    n, h, w, c = x.shape
+    (pt, _), (pl, _) = same_pad(h, k, s), same_pad(w, k, s)
     ho, wo = -(-h // s), -(-w // s)
-    return [xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :]
+    hn, wn = ho + (k - 1) // s, wo + (k - 1) // s  # rows / columns of each phase image
+    xp = jnp.pad(x, ((0, 0), (pt, hn * s - h - pt), (pl, wn * s - w - pl), (0, 0)))
+    xr = xp.reshape(n, hn, s, wn, s, c)
+    return [xr[:, i // s:i // s + ho, i % s, j // s:j // s + wo, j % s, :]
             for i in range(k) for j in range(k)]
+
+
+def _shifted_sum(views, weights):
+    out = views[0] * weights[0]
+    for v, wt in zip(views[1:], weights[1:]):
+        out = out + v * wt
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x, kernel, stride: int):
+    """Depthwise k x k conv (kernel (k, k, C)), TF SAME padding, as a sum of k*k shifted,
+    per-channel-scaled views.
+
+    Its gradient is written out: autodiff of the shifted views gives a padded copy per view
+    and a reduction over batch and space per kernel tap, which took ~40% of a training step
+    of the late EfficientNet-Lite0 stages on this CPU. Here the input's gradient is one fused
+    sum of shifted views of the output's gradient per output phase, and the kernel's
+    gradient one multi-output reduction (kept per example, which XLA splits across threads).
+    Measured against autodiff of the same forward in benchmarks/depthwise.py.
+    """
+    k = kernel.shape[0]
+    return _shifted_sum(_windows(x, k, stride), kernel.reshape(k * k, -1))
+
+
+def _depthwise_fwd(x, kernel, stride):
+    return depthwise_conv(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(s, res, g):
+    x, kernel = res
+    k, (n, h, w, c), (_, ho, wo, _) = kernel.shape[0], x.shape, g.shape
+    # Input gradient, phase by phase of the padded input: padded row y = s * Y + a gets the
+    # output rows Y - t through kernel row a + s * t (and likewise for columns).
+    (pt, _), (pl, _) = same_pad(h, k, s), same_pad(w, k, s)
+    taps = -(-k // s)
+    hn, wn = -(-(pt + h) // s), -(-(pl + w) // s)
+    gp = jnp.pad(g, ((0, 0), (taps - 1, hn - ho), (taps - 1, wn - wo), (0, 0)))
+    phases = []
+    for a in range(s):
+        for b in range(s):
+            ts = [(t, u) for t in range(-(-(k - a) // s)) for u in range(-(-(k - b) // s))]
+            views = [gp[:, taps - 1 - t:taps - 1 - t + hn, taps - 1 - u:taps - 1 - u + wn]
+                     for t, u in ts]
+            phases.append(_shifted_sum(views, [kernel[a + s * t, b + s * u] for t, u in ts]))
+    dxp = jnp.stack(phases, axis=3).reshape(n, hn, wn, s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dxp.reshape(n, hn * s, wn * s, c)[:, pt:pt + h, pl:pl + w]
+    # Kernel gradient: every tap's sum over space in one reduction, then over the batch.
+    prods = tuple(v * g for v in _windows(x, k, s))
+    zeros = tuple(jnp.zeros((), p.dtype) for p in prods)
+    per_example = jax.lax.reduce(prods, zeros,
+                                 lambda u, v: tuple(p + q for p, q in zip(u, v)), (1, 2))
+    dk = jnp.stack(per_example).sum(1).reshape(kernel.shape).astype(kernel.dtype)
+    return dx.astype(x.dtype), dk
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class PatchConv(nnx.Module):
@@ -118,13 +182,7 @@ class Depthwise(nnx.Module):
         self.stride = stride
 
     def __call__(self, x):
-        k = self.kernel.shape[0]
-        w = self.kernel[...].reshape(k * k, -1)
-        views = _windows(x, k, self.stride)
-        out = views[0] * w[0]
-        for i in range(1, len(views)):
-            out = out + views[i] * w[i]
-        return out
+        return depthwise_conv(x, self.kernel[...], self.stride)
 
 
 def _bn(size: LiteSize, n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
