@@ -3,7 +3,7 @@ the most-confused class pairs, and the examples to review."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
+from ftlab.metrics import skm
 
 MIN_SLICE = 5  # smaller slices are reported but never named the worst
 

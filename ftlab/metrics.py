@@ -8,8 +8,18 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
 
+
+class _Lazy:
+    """`sklearn.metrics`, imported at first use: importing scikit-learn (scipy.stats with it)
+    takes ~1 s, which every run would otherwise pay before its first training step."""
+
+    def __getattr__(self, name: str):
+        from sklearn import metrics
+        return getattr(metrics, name)
+
+
+skm = _Lazy()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

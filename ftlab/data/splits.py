@@ -5,7 +5,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from ftlab.schema import ConfigError, SplitConfig
 
@@ -15,6 +14,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     idx = np.arange(len(labels))
     if n >= len(labels):
         return idx
+    from sklearn.model_selection import train_test_split  # ~0.7 s: only where it is used
     keep, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
     return np.sort(keep)
 
@@ -29,6 +29,7 @@ def split(labels: np.ndarray, cfg: SplitConfig) -> dict[str, np.ndarray]:
     """Sorted index arrays for train / val / test, stratified by label."""
     check_fractions((cfg.train, cfg.val, cfg.test))
     idx = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
     train, rest = train_test_split(idx, train_size=cfg.train, stratify=labels,
                                    random_state=cfg.seed)
     val, test = train_test_split(rest, train_size=cfg.val / (cfg.val + cfg.test),
