@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent / "ftlab-train"
@@ -69,3 +70,16 @@ def test_persistent_compilation_cache_serves_a_rerun(tmp_path):
     assert any((tmp_path / "c").iterdir())
     for phase, c in second.items():
         assert c["cache_hits"] == c["count"] > 0, phase
+
+
+def test_training_modules_leave_scikit_learn_until_first_use():
+    """Importing scikit-learn costs ~1 s of every start: the training path imports it when
+    it first computes a metric or a split, not before the first step."""
+    code = ("import sys, ftlab.cli, ftlab.train, ftlab.evaluate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    from ftlab import metrics  # and the first use imports it
+    assert metrics.from_probs(np.eye(2), np.arange(2), ["a", "b"])["accuracy"] == 1.0
