@@ -81,14 +81,17 @@ def _extras(d: dict) -> list[str]:
 
 
 def judged(rows: list[dict]) -> list[dict]:
-    """The claim's assessment, then one per check (`claim.checks`: a value claim on the
-    treatment arm's metric `key`)."""
+    """The claim's assessment, then one per check (`claim.checks`): for a difference claim,
+    the same treatment - baseline difference on metric `key`; otherwise a value claim on the
+    treatment arm's `key`."""
     d = rows[0]["definition"]
     out = [assess(rows)]
+    kind = "difference" if d["kind"] == "difference" else "value"
+    arms = (d["baseline"], d["treatment"]) if kind == "difference" else (d["treatment"],)
     for key, expect in (d.get("checks") or {}).items():
-        sub = {**d, "metric": key, "kind": "value", "expect": list(expect), "checks": {}}
+        sub = {**d, "metric": key, "kind": kind, "expect": list(expect), "checks": {}}
         have = [{**r, "value": r["extra"][key], "definition": sub}
-                for r in rows if key in r["extra"] and r["arm"] == d["treatment"]]
+                for r in rows if key in r["extra"] and r["arm"] in arms]
         out.append(assess(have) if have else
                    {"definition": sub, "measured": f"no run reported {key}",
                     "verdict": "not testable here"})

@@ -337,8 +337,9 @@ class ClaimConfig:
     baseline: Optional[str] = None  # the arm compared against (difference)
     treatment: Optional[str] = None  # the arm the claim is about (difference, value)
     expect: List[float] = field(default_factory=list)  # [low, high] in points
-    # More of the claim, each judged like a `value` claim on the treatment arm: results.json
-    # key -> [low, high] in points (e.g. quantize/ptq/size_ratio: [10, 25]).
+    # More of the claim: results.json key -> [low, high] in points, each judged like the claim
+    # (a difference claim: treatment - baseline on that key; otherwise the treatment arm's
+    # value, e.g. quantize/ptq/size_ratio: [10, 25]).
     checks: Dict[str, List[float]] = field(default_factory=dict)
     x: Optional[float] = None  # curve: this arm's position (e.g. examples per class)
 

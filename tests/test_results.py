@@ -188,6 +188,21 @@ def test_checks_judge_more_metrics_of_the_treatment_arm(tmp_path):
     assert "**Measured** (quantize/ptq/size_ratio): 28.0 ± 1.0 (n=3)" in text
 
 
+def test_checks_of_a_difference_claim_are_paired_differences_too(tmp_path):
+    """'On every task': a difference claim's check compares the same two arms, seed by seed,
+    on its own metric."""
+    d = definition(id="u", expect=[0, 5], checks={"test/severity/macro_f1": [0, 5]})
+    for seed in range(3):
+        fake_run(tmp_path, {**d, "arm": "base"}, seed,
+                 {"test/accuracy": 0.80, "test/severity/macro_f1": 0.52 + 0.01 * seed})
+        fake_run(tmp_path, {**d, "arm": "new"}, seed,
+                 {"test/accuracy": 0.81, "test/severity/macro_f1": 0.49 + 0.01 * seed})
+    main, severity = results.judged(results.collect([tmp_path]))
+    assert main["verdict"] == "agrees" and main["effect"][0] == pytest.approx(1.0)
+    assert severity["definition"]["kind"] == "difference"
+    assert severity["effect"][0] == pytest.approx(-3.0) and severity["verdict"] == "disagrees"
+
+
 def test_missing_metric_is_a_one_line_error(tmp_path):
     fake_run(tmp_path, definition(id="c", arm="base", metric="test/nope"), 0,
              {"test/accuracy": 0.5})
