@@ -88,7 +88,7 @@ def judged(rows: list[dict]) -> list[dict]:
     out = [assess(rows)]
     kind = "difference" if d["kind"] == "difference" else "value"
     arms = (d["baseline"], d["treatment"]) if kind == "difference" else (d["treatment"],)
-    for key, expect in (d.get("checks") or {}).items():
+    for key, expect in sorted((d.get("checks") or {}).items()):  # the evidence sorts keys
         sub = {**d, "metric": key, "kind": kind, "expect": list(expect), "checks": {}}
         have = [{**r, "value": r["extra"][key], "definition": sub}
                 for r in rows if key in r["extra"] and r["arm"] in arms]
