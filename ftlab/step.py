@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ftlab.data.cache import array_digest
 from ftlab.schema import TaskConfig
 from ftlab.tasks import Task, task_loss, total_loss
 
@@ -63,9 +64,7 @@ def stages_key(model: nnx.Module, start: int, stop: int) -> dict:
                           key=lambda item: "/".join(map(str, item[0]))):
         name = "/".join(map(str, path))
         if name.startswith(prefixes):
-            a = np.asarray(v.get_raw_value())
-            h.update(f"{name}{a.shape}{a.dtype.str}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(f"{name}:{array_digest(np.asarray(v.get_raw_value()))}".encode())
     code = hashlib.sha256()
     for f in sorted((Path(__file__).parent / "models").glob("*.py")):
         code.update(f.read_bytes())
