@@ -28,9 +28,10 @@ NOTES = """## Reading these numbers
 - "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
   AdamW after clipping), so it measures the loop and per-group optimizer, not the model.
 - Start-up: "cold" has empty compilation and data caches (token ids, split folds, decoded
-  images); "warm" is the rerun. A warm start still pays the imports (jax, flax, orbax,
-  sklearn), tracing the train step (the persistent cache skips XLA's compile, not tracing),
-  the step itself (MiniLM full fine-tuning, batch 32) and the checkpoint written at the halt.
+  images); "warm" is the rerun. A warm start still pays the imports (jax, flax, orbax;
+  sklearn waits for the first metric), tracing the train step (the persistent cache skips
+  XLA's compile, not tracing), the step itself (MiniLM full fine-tuning, batch 32) and the
+  checkpoint written at the halt.
 - Depthwise convs: autodiff of shifted views reduces over batch and space once per kernel
   tap, and XLA's CPU loops do such reductions (channels kept, the minor axis) slowly; the
   hand-written gradient does all taps in one reduction per example. Per layer that is up to
