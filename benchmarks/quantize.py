@@ -84,16 +84,18 @@ def bench(label: str, model, parts, example, bs, args) -> None:
         emit(f"quantize/{label}/fp32/latency_b{b}", lat["fp32"][b]["p50_ms"], "ms")
     for name, m in ints.items():
         size = int8_bytes(m) / base_size
-        emit(f"quantize/{label}/{name}/size", size, "x fp32", "fp32",
+        emit(f"quantize/{label}/{name}/size", size, "x fp32", f"quantize/{label}/fp32/size",
              goal=GOALS["size"], met=size <= GOALS["size"])
         for b in ("1", "32"):
             ratio = lat[name][b]["p50_ms"] / lat["fp32"][b]["p50_ms"]
-            emit(f"quantize/{label}/{name}/latency_b{b}", ratio, "x fp32", "fp32",
+            emit(f"quantize/{label}/{name}/latency_b{b}", ratio, "x fp32",
+                 f"quantize/{label}/fp32/latency_b{b}",
                  ms=round(lat[name][b]["p50_ms"], 3), goal=GOALS["latency"],
                  met=ratio <= GOALS["latency"])
         if accs:
             drop = accs["fp32"] - accs[name]
-            emit(f"quantize/{label}/{name}/accuracy_drop", drop, "accuracy", "fp32",
+            emit(f"quantize/{label}/{name}/accuracy_drop", drop, "accuracy",
+                 f"quantize/{label}/fp32/accuracy",
                  accuracy=accs[name], goal=GOALS["accuracy_drop"],
                  met=drop <= GOALS["accuracy_drop"])
         emit(f"quantize/{label}/{name}/dots", 0, "count", None,
