@@ -235,7 +235,7 @@ class Trainer:
         tx = optim.build(self.cfg.optimizer, phase, epochs * steps_per_epoch, trainable,
                          self.groups.multipliers(paths, "lr_mult"),
                          self.groups.multipliers(paths, "wd_mult"))
-        opt_state = tx.init(trainable)
+        opt_state = jax.jit(tx.init)(trainable)  # one program, not one per leaf shape
         if meta is not None and rs.opt_phase == rs.phase:
             _, opt_state = self.ckpts.restore_latest(nnx.state(model, WEIGHTS),
                                                      jax.eval_shape(lambda: opt_state))
