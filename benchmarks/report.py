@@ -29,8 +29,10 @@ NOTES = """## Reading these numbers
   210-350, attention's batched 128x32 products at 45-60) and elementwise fusions at ~0.9 s.
   Tried without gain: XLA's oneDNN dot fusion (`--xla_cpu_use_onednn=true
   --xla_cpu_experimental_onednn_fusion_type=dot`: full fp32 ~8% faster, but "partition
-  compile failed" on the last-2 and bf16 steps and Lite0 10% slower), bf16 attention
-  products (2x in isolation, none in the step). Last-2 as ftlab trains it (frozen prefix
+  compile failed" on the last-2 and bf16 steps and Lite0 10% slower), XLA's scheduler types
+  and XNN graph fusion (within noise), bf16 attention products (2x in isolation, none in the
+  step), one fused QKV dot (slower: its head transpose). Isolated, XLA's bf16 dots of these
+  shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab trains it (frozen prefix
   cached, the default) is 1.5-1.7x torch in steady state, 1.05-1.13x even when a one-epoch
   phase pays the prefix pass; without the cache 1.1x.
 - "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
