@@ -32,9 +32,9 @@ NOTES = """## Reading these numbers
   compile failed" on the last-2 and bf16 steps and Lite0 10% slower), XLA's scheduler types
   and XNN graph fusion (within noise), bf16 attention products (2x in isolation, none in the
   step), one fused QKV dot (slower: its head transpose). Isolated, XLA's bf16 dots of these
-  shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab trains it (frozen prefix
-  cached, the default) is 1.5-1.7x torch in steady state, 1.05-1.13x even when a one-epoch
-  phase pays the prefix pass; without the cache 1.1x.
+  shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab
+  trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady state,
+  1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
 - "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
   AdamW after clipping), so it measures the loop and per-group optimizer, not the model.
 - Start-up: "cold" has empty compilation and data caches (token ids, split folds, decoded

@@ -33,8 +33,8 @@ def ftlab_variant(variant: str, dtype: str, batch: int, seq: int, steps: int) ->
     import jax
     from common import ftlab_step, minilm, token_batch
     from ftlab.models.loading import param_paths
-    from ftlab.models.precision import set_compute_dtype
     from flax import nnx
+    from ftlab.models.precision import set_compute_dtype
     from ftlab.step import set_modes
     model = minilm()
     set_compute_dtype(model, dtype)
@@ -102,32 +102,30 @@ def main() -> None:
         args.framework = args.child
         return child(args)
     from common import emit
-    torch_runs = {}
+    torch_runs = {}  # torch has no cached variant: last2_cached is compared with its last2
     for variant in ("full", "last2", "last2_cached"):
+        base = variant.removesuffix("_cached")
         for dtype in args.dtypes.split(","):
-            # torch has no cached variant: it is compared with its own last2 run.
-            if variant == "last2_cached":
-                res = {"torch": torch_runs.get(("last2", dtype)),
-                       "ftlab": spawn("ftlab", variant, dtype, args)}
-            else:
-                res = {fw: spawn(fw, variant, dtype, args) for fw in ("torch", "ftlab")}
-                torch_runs[variant, dtype] = res["torch"]
-            for fw, r in res.items():
-                if r and not (fw == "torch" and variant == "last2_cached"):  # emitted above
-                    extra = {"prefix_seconds": round(r["prefix_seconds"], 4)} if (
-                        "prefix_seconds" in r) else {}
-                    emit(f"vs_torch/{fw}/{variant}/{dtype}", args.batch / r["seconds_per_step"],
-                         "ex/s", None, peak_rss_mb=round(r["peak_rss_mb"]),
-                         seconds_per_step=round(r["seconds_per_step"], 4), **extra)
-            if res["torch"] and res["ftlab"]:
-                f = res["ftlab"]
-                extra = {"one_epoch": round(res["torch"]["seconds_per_step"] / (
+            if variant == base:
+                torch_runs[base, dtype] = spawn("torch", variant, dtype, args)
+                emit_run("torch", variant, dtype, torch_runs[base, dtype], args)
+            t, f = torch_runs.get((base, dtype)), spawn("ftlab", variant, dtype, args)
+            emit_run("ftlab", variant, dtype, f, args)
+            if t and f:
+                extra = {"one_epoch": round(t["seconds_per_step"] / (
                     f["seconds_per_step"] + f["prefix_seconds"]), 3)} if "prefix_seconds" in f else {}
                 emit(f"vs_torch/{variant}/{dtype}/throughput_ratio",
-                     res["torch"]["seconds_per_step"] / f["seconds_per_step"],
-                     "x torch throughput",
-                     f"vs_torch/torch/{variant.removesuffix('_cached')}/{dtype}", goal=">= 1.2",
-                     **extra)
+                     t["seconds_per_step"] / f["seconds_per_step"], "x torch throughput",
+                     f"vs_torch/torch/{base}/{dtype}", goal=">= 1.2", **extra)
+
+
+def emit_run(framework: str, variant: str, dtype: str, r: dict | None, args) -> None:
+    from common import emit
+    if r:
+        extra = {"prefix_seconds": round(r["prefix_seconds"], 4)} if "prefix_seconds" in r else {}
+        emit(f"vs_torch/{framework}/{variant}/{dtype}", args.batch / r["seconds_per_step"],
+             "ex/s", None, peak_rss_mb=round(r["peak_rss_mb"]),
+             seconds_per_step=round(r["seconds_per_step"], 4), **extra)
 
 
 if __name__ == "__main__":

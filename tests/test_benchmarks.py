@@ -17,7 +17,7 @@ def test_committed_performance_doc_is_generated_from_the_results():
         "docs/performance.md is stale: python benchmarks/report.py > docs/performance.md")
 
 
-def test_every_ratio_names_a_row_of_the_same_results_file():
+def test_every_ratio_names_its_reference():
     files = sorted(RESULTS.glob("*.jsonl"))
     assert files
     for path in files:
