@@ -4,6 +4,9 @@ fine-tuning in the same run (batch 32, seq 128, AdamW, clipping over trainable p
 - full / last2 / head_only: ftlab's pruned backward (only trainable params differentiated);
 - masked: every gradient computed and clipped, frozen ones zeroed (optax multi_transform
   with set_to_zero), the usual way freezing is done in JAX;
+- bare_last2 / bare_head_only: the pruned step written by hand (overhead.bare_step with the
+  same trainable set), the reference ftlab's pruned steps must be no worse than
+  (`<set>_vs_bare`: ftlab's s/step / the bare one's, goal <= 1);
 - last2_cached / head_only_cached: what an ftlab phase actually runs per step when the
   frozen leading stages are computed once (trainer.cache_frozen=true).
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,7 @@ import optax
 from flax import nnx
 
 from common import emit, ftlab_step, minilm, time_steps, token_batch
+from overhead import bare_step
 from ftlab.models.loading import param_paths
 from ftlab.optim import path_str
 from ftlab.schema import TaskConfig
@@ -57,6 +63,15 @@ def main() -> None:
         times[name] = time_steps(*ftlab_step(model, paths), batch, repeats=args.repeats)
     times["masked_last2"] = time_steps(*masked_step(model, sets["last2"]), batch,
                                        repeats=args.repeats)
+    vs_bare = {}  # ftlab's pruned step and the bare one, timed in turns (the CPU drifts)
+    for name in ("last2", "head_only"):
+        bare, params, opt_state, stats = bare_step(model, sets[name])
+        ours, carry, rest = ftlab_step(model, sets[name])
+        pair = {"bare": (lambda p, o, s, _, b, k: bare(p, o, s, b, k),
+                         [params, opt_state, stats], None),
+                "ftlab": (ours, list(carry), rest)}
+        vs_bare[name] = interleaved(pair, batch, args.repeats)
+        times[f"bare_{name}"] = vs_bare[name]["bare"]
     # Cached variants: the step starts at the first trainable stage on precomputed inputs.
     for name, start in (("last2_cached", 5), ("head_only_cached", 7)):
         set_modes(model, None)
@@ -81,6 +96,23 @@ def main() -> None:
         if name != "full":
             emit(f"freeze/{name}", t / times["full"], "x full step time", "freeze/full_step",
                  seconds=round(t, 4))
+    for name, t in vs_bare.items():
+        emit(f"freeze/{name}_vs_bare", t["ftlab"] / t["bare"], "x bare pruned step time",
+             f"freeze/bare_{name}", goal="<= 1", ftlab_seconds=round(t["ftlab"], 4),
+             bare_seconds=round(t["bare"], 4))
+
+
+def interleaved(steps: dict, batch, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median s/step of each (step_fn, carry, rest), one step of each in turn."""
+    key, times = jax.random.key(0), {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for name, (fn, carry, rest) in steps.items():
+            t0 = time.perf_counter()
+            *carry[:], m = fn(*carry, rest, batch, jax.random.fold_in(key, i))  # in place
+            jax.block_until_ready((carry, m))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -23,22 +23,25 @@ from ftlab.step import set_modes
 from ftlab.resume import RunState
 
 
-def bare_step(model):
-    """The step a JAX user writes by hand: whole model trainable, dropout on, BatchNorm on
-    batch statistics (updating its running averages), AdamW after global-norm clipping."""
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.Dropout):
-            m.deterministic = False
-        elif isinstance(m, nnx.BatchNorm):
-            m.use_running_average = False
-    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+def bare_step(model, paths: set[str] | None = None):
+    """The step a JAX user writes by hand: dropout on, BatchNorm on batch statistics (updating
+    its running averages), AdamW after global-norm clipping. `paths` (default: every param)
+    are differentiated; the other params enter as a separate, undifferentiated argument
+    (the pruned backward of freezing written by hand), and the blocks holding only them run
+    in inference mode, as ftlab runs frozen blocks. Returns (step(params, opt_state, stats,
+    batch, key), params, opt_state, stats)."""
+    set_modes(model, set(param_paths(model)) if paths is None else paths)
+    trains = (lambda path, v: isinstance(v, nnx.Param) and (
+        paths is None or "/".join(map(str, path)) in paths))
+    graphdef, params, frozen, stats, rest = nnx.split(model, trains, nnx.Param, nnx.BatchStat,
+                                                      ...)
     params, stats = jax.tree.map(jax.numpy.copy, (params, stats))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, opt_state, stats, batch, key):
+    def step(params, opt_state, stats, frozen, batch, key):
         def loss_fn(p):
-            m = nnx.merge(graphdef, p, stats, rest, copy=True)
+            m = nnx.merge(graphdef, p, frozen, stats, rest, copy=True)
             logits = m.forward(batch, rngs=nnx.Rngs(dropout=key))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
             return loss.mean(), nnx.state(m, nnx.BatchStat)
@@ -47,7 +50,8 @@ def bare_step(model):
         return optax.apply_updates(params, updates), opt_state, stats, loss
 
     set_modes(model, None)
-    return step, params, tx.init(params), stats
+    return (lambda p, o, s, batch, key: step(p, o, s, frozen, batch, key),
+            params, tx.init(params), stats)
 
 
 def run_bare(model, data: ArrayData, batch_size: int, steps: int) -> float:

@@ -35,6 +35,9 @@ NOTES = """## Reading these numbers
   shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab
   trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady state,
   1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
+- Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
+  trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
+  `<set>_vs_bare` times it and ftlab's step in turns, one step each (goal: no worse, <= 1).
 - "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
   AdamW after clipping), so it measures the loop and per-group optimizer, not the model.
 - Start-up: "cold" has empty compilation and data caches (token ids, split folds, decoded
