@@ -58,12 +58,18 @@ def ftlab_step(model, paths: set[str], start: int = 0):
 
 def time_steps(step_fn, carry: tuple, rest, batch, warmup: int = 2, repeats: int = 5) -> float:
     """Median seconds per step after `warmup` steps (which include compilation)."""
-    key = jax.random.key(0)
-    times = []
+    return interleaved({"step": (step_fn, list(carry), rest)}, batch, repeats, warmup)["step"]
+
+
+def interleaved(steps: dict, batch, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median s/step of each name -> (step_fn, carry list, rest), one step of each in turn
+    (so a drifting CPU load falls on all alike); each carry is updated in place."""
+    key, times = jax.random.key(0), {k: [] for k in steps}
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        *carry, m = step_fn(*carry, rest, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready((carry, m))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (fn, carry, rest) in steps.items():
+            t0 = time.perf_counter()
+            *carry[:], m = fn(*carry, rest, batch, jax.random.fold_in(key, i))
+            jax.block_until_ready((carry, m))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from common import emit, ftlab_step, minilm, time_steps, token_batch
+from common import emit, ftlab_step, interleaved, minilm, time_steps, token_batch
 from overhead import bare_step
 from ftlab.models.loading import param_paths
 from ftlab.optim import path_str
@@ -100,19 +98,6 @@ def main() -> None:
         emit(f"freeze/{name}_vs_bare", t["ftlab"] / t["bare"], "x bare pruned step time",
              f"freeze/bare_{name}", goal="<= 1", ftlab_seconds=round(t["ftlab"], 4),
              bare_seconds=round(t["bare"], 4))
-
-
-def interleaved(steps: dict, batch, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median s/step of each (step_fn, carry, rest), one step of each in turn."""
-    key, times = jax.random.key(0), {k: [] for k in steps}
-    for i in range(warmup + repeats):
-        for name, (fn, carry, rest) in steps.items():
-            t0 = time.perf_counter()
-            *carry[:], m = fn(*carry, rest, batch, jax.random.fold_in(key, i))  # in place
-            jax.block_until_ready((carry, m))
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":
