@@ -27,12 +27,14 @@ NOTES = """## Reading these numbers
   ~180 GFLOP/s here, like XLA's. A profile of ftlab's bf16 full step puts its dots at 1.1 of
   2.05 s (250 GFLOP/s on average: the 4096x384x384 projections at 150-185, the MLP's at
   210-350, attention's batched 128x32 products at 45-60) and elementwise fusions at ~0.9 s.
-  Tried without gain: XLA's oneDNN dot fusion (`--xla_cpu_use_onednn=true
-  --xla_cpu_experimental_onednn_fusion_type=dot`: full fp32 ~8% faster, but "partition
-  compile failed" on the last-2 and bf16 steps and Lite0 10% slower), XLA's scheduler types
-  and XNN graph fusion (within noise), bf16 attention products (2x in isolation, none in the
-  step), one fused QKV dot (slower: its head transpose). Isolated, XLA's bf16 dots of these
-  shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab
+  XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`): only
+  oneDNN dot fusion gains (6-13% on full fp32, three runs); it is slower on bf16 and Lite0
+  and crashes XLA ("partition compile failed") on the last-2 step, so ftlab does not set it.
+  Tried without gain: bf16 attention products (2x in isolation, none in the step), one
+  fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
+  (bit-identical masks; the bits 38 -> 3.3 ms in isolation, the step unchanged: XLA
+  computes them while the dots run, as they depend on no activation). Isolated, XLA's bf16
+  dots of these shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab
   trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady state,
   1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
@@ -157,6 +159,22 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append("### Start-up: `ftlab-train` to first step and exit (goal warm <= 15 s)")
         parts.append(table(["cache", "seconds", "command"], [
             [k.split("/")[1], fmt(r[k]["value"], 1), f"`{r[k]['args']}`"] for k in st]))
+    xo = [k for k in r if k.startswith("xla_options/")]
+    if xo:
+        cases = list(dict.fromkeys(k.split("/")[1] for k in xo))
+        options = list(dict.fromkeys(k.split("/")[2] for k in xo))
+        cell = lambda rec: ("n/a" if rec is None else "fails" if rec["unit"] == "failed"
+                            else fmt(rec["value"], 2))
+        parts.append("### XLA CPU options on ftlab's train step (batch 32; speedup over the "
+                     "default build in the same process, timed in turns; > 1 helps)")
+        parts.append(table(["option", *cases, "XLA_FLAGS"], [
+            [o, *(cell(r.get(f"xla_options/{c}/{o}")) for c in cases),
+             f"`{next(r[k]['flags'] for k in xo if k.endswith('/' + o))}`"]
+            for o in options]))
+        errors = sorted({r[k]["error"] for k in xo if r[k]["unit"] == "failed"})
+        if errors:
+            parts.append("fails: XLA's compile raised " + "; ".join(f'"{e}"' for e in errors)
+                         + ".")
     return "\n\n".join(parts)
 
 

@@ -10,7 +10,7 @@ ratio charges it in full, as a one-epoch phase would.
 Each variant runs in its own process so peak memory (max RSS) is its own. The PyTorch model
 is a plain BERT encoder written in benchmarks/torch_minilm.py (no transformers), random
 weights (speed does not depend on them). torch is a benchmark-only dependency:
-`pip install torch==2.13.0` (see benchmarks/README.md); without it, only ftlab runs.
+`pip install torch==2.13.0` (`make bench` does); without it, only ftlab runs.
 
 Run: python benchmarks/vs_torch.py [--steps 5 --batch 32 --seq 128]
 """
