@@ -154,7 +154,10 @@ def test_optuna_study_resumes_after_its_sweep_is_killed(tmp_path, tmp_path_facto
     try:
         while time.time() < deadline:
             st = _study(storage) if (sweep_dir / "optuna.db").exists() else None
-            if st and len(st[TrialState.COMPLETE]) == 1 and st[TrialState.RUNNING]:
+            # The 2nd trial running with both params drawn (the sweeper writes them one at a
+            # time; killed in between, the rerun would rightly draw the missing one anew).
+            if st and len(st[TrialState.COMPLETE]) == 1 and st[TrialState.RUNNING] and \
+                    len(st[TrialState.RUNNING][0].params) == 2:
                 break
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
