@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,17 @@ def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extr
     """One JSON line per figure."""
     print(json.dumps({"name": name, "value": round(value, 4), "unit": unit,
                       "ratio_to": ratio_to, **extra}), flush=True)
+
+
+def child_result(script: str, args: list[str]) -> tuple[dict | None, str]:
+    """Run `python <script> <args>` (a benchmark's child: one measurement in a fresh process)
+    and read its `RESULT {json}` line: (that dict, "") or (None, its last stderr line)."""
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                       cwd=Path(script).resolve().parent)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT ")), ""
+    return None, (p.stderr.strip().splitlines() or [f"exit {p.returncode}, no output"])[-1]
 
 
 def minilm(num_classes: int = 5) -> nnx.Module:

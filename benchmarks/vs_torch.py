@@ -20,12 +20,8 @@ import argparse
 import json
 import re
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 LAST2 = re.compile(r"(head|layers/[45])/.*")
 
 
@@ -76,16 +72,14 @@ def child(args) -> None:
 
 
 def spawn(framework: str, variant: str, dtype: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", framework, "--variant", variant, "--dtype",
-           dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
-           str(args.steps)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(json.dumps({"name": f"vs_torch/{framework}/{variant}/{dtype}", "error":
-                      (p.stderr.strip().splitlines() or ["no output"])[-1]}), flush=True)
-    return None
+    from common import child_result
+    out, err = child_result(__file__, [
+        "--child", framework, "--variant", variant, "--dtype", dtype, "--batch",
+        str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)])
+    if out is None:
+        print(json.dumps({"name": f"vs_torch/{framework}/{variant}/{dtype}", "error": err}),
+              flush=True)
+    return out
 
 
 def main() -> None:

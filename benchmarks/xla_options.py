@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 OPTIONS = {
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},
     "fast_math": {"xla_cpu_enable_fast_math": True},
@@ -76,24 +72,19 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
         return
-    from common import emit
+    from common import child_result, emit
     for case in args.cases:
         for option in args.options:
-            cmd = [sys.executable, __file__, "--child", case, option,
-                   "--repeats", str(args.repeats)]
-            p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-            out = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            r, err = child_result(__file__, ["--child", case, option,
+                                             "--repeats", str(args.repeats)])
             flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                              for k, v in OPTIONS[option].items())
-            if p.returncode or not out:
-                err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            if r is None:
                 emit(f"xla_options/{case}/{option}", 0.0, "failed", flags=flags,
                      error=err[:200])
                 continue
-            r = json.loads(out[-1].removeprefix("RESULT "))
             emit(f"xla_options/{case}/{option}", r.pop("speedup"), "x default", "default",
                  flags=flags, **r)
-
 
 if __name__ == "__main__":
     main()
