@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -16,6 +17,10 @@ from flax import nnx
 from ftlab import models, optim
 from ftlab.schema import ModelConfig, OptimizerConfig, PhaseConfig, TaskConfig
 from ftlab.step import make_train_step, split_for_training
+
+
+# MiniLM's last-2 fine-tuning: the head and encoder layers 4 and 5 trainable.
+LAST2 = re.compile(r"(head|layers/[45])/.*")
 
 
 def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extra) -> None:

@@ -22,14 +22,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from common import emit, ftlab_step, interleaved, minilm, time_steps, token_batch
+from common import LAST2, emit, ftlab_step, interleaved, minilm, time_steps, token_batch
 from overhead import bare_step
 from ftlab.models.loading import param_paths
 from ftlab.optim import path_str
 from ftlab.schema import TaskConfig
 from ftlab.step import make_train_step, set_modes, split_for_training
 
-LAST2 = re.compile(r"(head|layers/[45])/.*")
 LAST1 = re.compile(r"(head|layers/5)/.*")
 HEAD = re.compile(r"head/.*")
 

@@ -9,18 +9,16 @@ Run: python benchmarks/precision.py [--batch 32 --seq 128 --size 128 --repeats 4
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import emit, ftlab_step, image_batch, lite0, minilm, time_steps, token_batch
+from common import LAST2, emit, ftlab_step, image_batch, lite0, minilm, time_steps, token_batch
 from ftlab.models.loading import param_paths
 from ftlab.models.precision import set_compute_dtype
 
-LAST2 = re.compile(r"(head|layers/[45])/.*")
 
 
 def peak_flops(dtype: str, n: int = 4096, repeats: int = 3) -> float:

@@ -34,9 +34,9 @@ NOTES = """## Reading these numbers
   fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
   (bit-identical masks; the bits 38 -> 3.3 ms in isolation, the step unchanged: XLA
   computes them while the dots run, as they depend on no activation). Isolated, XLA's bf16
-  dots of these shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200. Last-2 as ftlab
-  trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady state,
-  1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
+  dots of these shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200.
+  Last-2 as ftlab trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady
+  state, 1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
   trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
   `<set>_vs_bare` times it and ftlab's step in turns, one step each (goal: no worse, <= 1).

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import time
 
-LAST2 = re.compile(r"(head|layers/[45])/.*")
 
 
 def ftlab_variant(variant: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
     import jax
-    from common import ftlab_step, minilm, token_batch
+    from common import LAST2, ftlab_step, minilm, token_batch
     from ftlab.models.loading import param_paths
     from flax import nnx
     from ftlab.models.precision import set_compute_dtype

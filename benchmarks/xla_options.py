@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 OPTIONS = {
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},
@@ -32,7 +31,6 @@ OPTIONS = {
     "concurrency_scheduler": {
         "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"},
 }
-LAST2 = re.compile(r"(head|layers/[45])/.*")
 CASES = {  # name -> (model, compute dtype, trainable); batch 32 (seq 128 / 128 px)
     "minilm_full_fp32": ("minilm", "float32", "full"),
     "minilm_full_bf16": ("minilm", "bfloat16", "full"),
@@ -44,7 +42,7 @@ CASES = {  # name -> (model, compute dtype, trainable); batch 32 (seq 128 / 128 
 
 def child(case: str, option: str, repeats: int) -> dict:
     import jax
-    from common import ftlab_step, image_batch, interleaved, lite0, minilm, token_batch
+    from common import LAST2, ftlab_step, image_batch, interleaved, lite0, minilm, token_batch
     from ftlab.models.loading import param_paths
     from ftlab.models.precision import set_compute_dtype
     which, dtype, trainable = CASES[case]
@@ -85,6 +83,7 @@ def main() -> None:
                 continue
             emit(f"xla_options/{case}/{option}", r.pop("speedup"), "x default", "default",
                  flags=flags, **r)
+
 
 if __name__ == "__main__":
     main()
