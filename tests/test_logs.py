@@ -14,6 +14,10 @@ def test_offline_wandb_run_receives_the_metrics(tmp_path, monkeypatch):
     log.write(0, {"train/loss_metric_xyz": 1.5})
     log.summary({"test/accuracy": 0.9})
     log.close()
+    # finish() only publishes "finish" to wandb's service, which closes the record file a
+    # moment later (at process exit in a real run); teardown waits for the service.
+    import wandb
+    wandb.teardown()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
         "step": 0, "train/loss_metric_xyz": 1.5}
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()

@@ -241,6 +241,8 @@ def test_wandb_mirror_offline(tmp_path, monkeypatch):
     root = tmp_path / "reg"
     rec = reg.register(root, fake_run(tmp_path / "run"), aliases=["candidate"], wandb=True)
     assert rec["wandb"].endswith("/toy")
+    import wandb
+    wandb.teardown()  # the service closes the record file after finish(); wait for it
     logged = b"".join(p.read_bytes() for p in (tmp_path / "wb").rglob("offline-run-*/*.wandb"))
     assert b"ftlab-v1" in logged and b"candidate" in logged  # the artifact, with its aliases
     out = reg.promote(root, "toy", 1, wandb=True)
