@@ -1,7 +1,8 @@
 """Int8 vs fp32 for deployment: latency at batch 1 and 32, size on disk and test accuracy of
 ftlab-quantize's PTQ models (rules from conf/quantize/<file>.yaml, w8a8 with static scales
-calibrated on 8 val batches and/or dynamic ones, and weight-only w8), as ratios to fp32
-measured in the same process.
+calibrated on 8 val batches and/or dynamic ones, and weight-only w8; with `onnx: true` in the
+rules file, the ONNX export in ONNX Runtime, fp32 and static int8), as ratios to ftlab's fp32
+model measured in the same process (ONNX Runtime's int8 also to its own fp32).
 
 Goal (issue #7): latency <= 0.5x, size <= 0.3x, accuracy drop <= 1 point on MiniLM/BBC and
 EfficientNet-Lite0/ELPV. Each model comes from a finished run dir (its best checkpoint and
@@ -22,8 +23,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from common import emit, image_batch, lite0, minilm, token_batch
-from ftlab import quantize, runs
-from ftlab.data.batches import ArrayData
+from ftlab import onnx_export, quantize, runs
+from ftlab.data.batches import ArrayData, batches
 from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots, interleaved_latency
 from ftlab.models.loading import LoadError
 from ftlab.app_schema import QuantizeConfig
@@ -42,9 +43,34 @@ def from_run(run_dir: Path):
     return model, src.data.parts, src.data.class_names, cfg.trainer.eval_batch_size
 
 
-def rules(name: str) -> dict:
+def qconfig(name: str) -> QuantizeConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantizeConfig),
-                                               OmegaConf.load(CONF / f"{name}.yaml"))).rules
+                                               OmegaConf.load(CONF / f"{name}.yaml")))
+
+
+def rules(name: str) -> dict:
+    return qconfig(name).rules
+
+
+def onnx_variants(model, parts, bs, rule_file: str, tmp: Path) -> dict:
+    """With `onnx: true` in the rules file: the model exported to ONNX (fp32) and ONNX
+    Runtime's static int8 of it, calibrated on 8 val batches, as ftlab-quantize makes them."""
+    q = qconfig(rule_file)
+    if not q.onnx:
+        return {}
+    val = parts["val"]
+    calibration = list(batches(val, bs, np.arange(len(val)), limit=8))
+    fp32 = onnx_export.save(model, tmp / "fp32", {"class_names": []}, calibration[0])
+    int8 = onnx_export.quantize_static(fp32, tmp / "int8", calibration,
+                                       quantize.plan(model, q), {"class_names": []})
+    return {"onnx_fp32": onnx_export.load_onnx(fp32.parent),
+            "onnx_w8a8_static": onnx_export.load_onnx(int8.parent)}
+
+
+def size_of(model) -> int:
+    if isinstance(model, onnx_export.OnnxModel):
+        return (model.folder / onnx_export.MODEL_FILE).stat().st_size
+    return int8_bytes(model)
 
 
 def variants(model, parts, bs, activations: list[str], rule_file: str) -> dict:
@@ -68,38 +94,46 @@ def int8_bytes(model) -> int:
         return quantize.save_int8(model, Path(tmp), {}).stat().st_size
 
 
-def bench(label: str, model, parts, example, bs, args) -> None:
+def bench(label: str, model, parts, example, bs, args, tmp: Path) -> None:
     ints = variants(model, parts, bs, args.activations.split(","), RULES[label])
+    ints.update(onnx_variants(model, parts, bs, RULES[label], tmp))
     data = parts.get("test")
     base_size = fp32_bytes(model)
     emit(f"quantize/{label}/fp32/size", base_size / 1e6, "MB")
     accs = {}
     if data is not None:
         for name, m in {"fp32": model, **ints}.items():
-            out, labels = quantize.logits(m, data, bs)
+            out, labels = (m.predict(data, bs) if isinstance(m, onnx_export.OnnxModel)
+                           else quantize.logits(m, data, bs))
             accs[name] = float((out.argmax(-1) == labels).mean())
         emit(f"quantize/{label}/fp32/accuracy", accs["fp32"], "accuracy", n=len(labels))
     lat = interleaved_latency({"fp32": model, **ints}, example, (1, 32), args.repeats)
     for b in ("1", "32"):
         emit(f"quantize/{label}/fp32/latency_b{b}", lat["fp32"][b]["p50_ms"], "ms")
     for name, m in ints.items():
-        size = int8_bytes(m) / base_size
+        size = size_of(m) / base_size
+        goal = name != "onnx_fp32"  # the runtime alone, not an int8 model
         emit(f"quantize/{label}/{name}/size", size, "x fp32", f"quantize/{label}/fp32/size",
-             goal=GOALS["size"], met=size <= GOALS["size"])
+             **({"goal": GOALS["size"], "met": size <= GOALS["size"]} if goal else {}))
         for b in ("1", "32"):
             ratio = lat[name][b]["p50_ms"] / lat["fp32"][b]["p50_ms"]
             emit(f"quantize/{label}/{name}/latency_b{b}", ratio, "x fp32",
-                 f"quantize/{label}/fp32/latency_b{b}",
-                 ms=round(lat[name][b]["p50_ms"], 3), goal=GOALS["latency"],
-                 met=ratio <= GOALS["latency"])
+                 f"quantize/{label}/fp32/latency_b{b}", ms=round(lat[name][b]["p50_ms"], 3),
+                 **({"goal": GOALS["latency"], "met": ratio <= GOALS["latency"]} if goal
+                    else {}))
+            if name == "onnx_w8a8_static":  # int8 vs fp32 within ONNX Runtime
+                emit(f"quantize/{label}/{name}/latency_b{b}_vs_onnx_fp32",
+                     ratio / (lat["onnx_fp32"][b]["p50_ms"] / lat["fp32"][b]["p50_ms"]),
+                     "x onnx_fp32", f"quantize/{label}/onnx_fp32/latency_b{b}")
         if accs:
             drop = accs["fp32"] - accs[name]
             emit(f"quantize/{label}/{name}/accuracy_drop", drop, "accuracy",
                  f"quantize/{label}/fp32/accuracy",
                  accuracy=accs[name], goal=GOALS["accuracy_drop"],
                  met=drop <= GOALS["accuracy_drop"])
-        emit(f"quantize/{label}/{name}/dots", 0, "count", None,
-             **hlo_dots(m, {k: v[:1] for k, v in example.items()}))
+        if not isinstance(m, onnx_export.OnnxModel):
+            emit(f"quantize/{label}/{name}/dots", 0, "count", None,
+                 **hlo_dots(m, {k: v[:1] for k, v in example.items()}))
 
 
 def main() -> None:
@@ -126,7 +160,8 @@ def main() -> None:
             example = synthetic[label][1]()
             parts = {"val": ArrayData(dict(example))}
         example = {k: v for k, v in example.items() if k not in ("label", "weight")}
-        bench(label, model, parts, example, bs, args)
+        with tempfile.TemporaryDirectory() as tmp:
+            bench(label, model, parts, example, bs, args, Path(tmp))
 
 
 def _rows(data, n: int):

@@ -134,6 +134,8 @@ def section(machine: str, r: dict[str, dict]) -> str:
     if qm:
         parts.append("### int8 vs fp32 (`ftlab-quantize`; goal latency <= 0.5x, size <= 0.3x, "
                      "accuracy drop <= 1 point)")
+        if "quantize/device" in r:
+            parts.append(f"Measured on {r['quantize/device']['unit']}.")
         rows = []
         for m in qm:
             for v in sorted({k.split("/")[2] for k in r if k.startswith(f"quantize/{m}/")
@@ -143,6 +145,15 @@ def section(machine: str, r: dict[str, dict]) -> str:
                              fmt(get("latency_b32"), 2), fmt(100 * get("accuracy_drop"), 2)])
         parts.append(table(["model", "variant", "size x fp32", "latency b1 x", "latency b32 x",
                             "accuracy drop (points)"], rows))
+        for m in qm:
+            own = [r.get(f"quantize/{m}/onnx_w8a8_static/latency_b{b}_vs_onnx_fp32")
+                   for b in (1, 32)]
+            if all(own):
+                parts.append(f"{m}: `onnx_fp32` is ftlab's fp32 model exported to ONNX and run "
+                             "by ONNX Runtime (the runtime's own speed, no int8); "
+                             "`onnx_w8a8_static` is ONNX Runtime's static int8 of it. Within "
+                             f"ONNX Runtime, int8 / fp32 latency: b1 {fmt(own[0]['value'], 2)}x, "
+                             f"b32 {fmt(own[1]['value'], 2)}x.")
     dw = [k for k in r if k.startswith("depthwise/")]
     if dw:
         parts.append("### Depthwise convs: hand-written gradient vs autodiff of the same "

@@ -56,6 +56,10 @@ def check(cfg: QuantizeConfig) -> None:
         raise ConfigError("quantize.calibration_batches", "must be >= 1")
     if cfg.sensitivity_batches is not None and cfg.sensitivity_batches < 1:
         raise ConfigError("quantize.sensitivity_batches", "must be >= 1, or null for all")
+    if cfg.onnx and cfg.weight_only:
+        raise ConfigError("quantize.onnx", "ONNX Runtime's int8 quantizes weights and "
+                                           "activations; weight_only has no counterpart there: "
+                                           "set one of them false")
     q = cfg.qat
     if q.epochs < 0 or q.lr <= 0:
         raise ConfigError("quantize.qat", "epochs must be >= 0 (0: no QAT) and lr > 0")

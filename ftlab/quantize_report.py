@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ftlab import latency, metrics, peft, quantize, runs, tasks
+from ftlab import latency, metrics, onnx_export, peft, quantize, runs, tasks
 from ftlab.data.batches import ArrayData, batches
 from ftlab.models.loading import param_paths
 from ftlab.report import cell, fmt, table
@@ -31,7 +31,7 @@ from ftlab.step import make_eval_step, set_modes
 log = logging.getLogger(__name__)
 
 MARK = "<!-- ftlab-quantize -->"
-OUTPUTS = ("ptq", "qat", "report.md", "quantize.json")
+OUTPUTS = ("ptq", "qat", "onnx_fp32", "onnx_ptq", "report.md", "quantize.json")
 
 
 def hardware() -> str:
@@ -91,7 +91,10 @@ def check_skeleton(skeleton, model) -> None:
 
 def accuracy(model, data: ArrayData, bs: int, limit, class_names, specs,
              ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    out, labels = quantize.logits(model, data, bs, limit, specs)
+    if isinstance(model, onnx_export.OnnxModel):
+        out, labels = model.predict(data, bs, limit)
+    else:
+        out, labels = quantize.logits(model, data, bs, limit, specs)
     ev = metrics.full(metrics.softmax(out), labels, class_names)
     row = {"accuracy": ev["metrics"]["accuracy"], "macro_f1": ev["metrics"]["macro_f1"],
            "recall": {c: m["recall"] for c, m in ev["per_class"].items()},
@@ -114,19 +117,25 @@ def _tile(example: dict, rows: int) -> dict:
 
 def interleaved_latency(models: dict, example: dict, batch_sizes, iters: int,
                         warmup: int = 3) -> dict:
-    """name -> batch size -> {p50_ms, p95_ms, throughput}; calls alternate between models."""
+    """name -> batch size -> {p50_ms, p95_ms, throughput}; calls alternate between models
+    (nnx models, given the batch on the device, or `OnnxModel`s, given it on the host)."""
     fns = {}
     for name, m in models.items():
-        set_modes(m, None)
-        fns[name] = (make_eval_step(nnx.graphdef(m)), jax.device_put(nnx.state(m)))
+        if isinstance(m, onnx_export.OnnxModel):
+            fns[name] = (m.logits, False)
+        else:
+            set_modes(m, None)
+            fn, state = make_eval_step(nnx.graphdef(m)), jax.device_put(nnx.state(m))
+            fns[name] = ((lambda b, fn=fn, state=state: fn(state, b)), True)
     out = {name: {} for name in models}
     for b in batch_sizes:
-        batch = jax.device_put(_tile(example, int(b)))
+        host = _tile(example, int(b))
+        batch = {True: jax.device_put(host), False: host}
         times = {name: [] for name in models}
         for i in range(warmup + iters):
-            for name, (fn, state) in fns.items():
+            for name, (fn, on_device) in fns.items():
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(state, batch))
+                jax.block_until_ready(fn(batch[on_device]))
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         for name, ms in times.items():
@@ -171,6 +180,8 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
     skeleton = build_model(deploy, len(classes), abstract=True, task_specs=specs)
     check_skeleton(skeleton, build_model(cfg, len(classes), abstract=True, task_specs=specs))
     modes = quantize.plan(skeleton, q)  # bad rules fail before data or weights are read
+    if q.onnx:
+        onnx_export.check(skeleton, specs)
     paths = quantize.qat_paths(cfg, q.qat, skeleton) if q.qat.epochs else set()
     data = runs.open_split(cfg, run_dir, None, "test").data
     model, step = runs.load_model(cfg, run_dir, data.num_classes, app.checkpoint, data.tasks)
@@ -194,6 +205,10 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
               **found, "qat_trained": sorted(paths), "table": rows,
               "hlo_dots": {k: hlo_dots(variants[k], _tile(example, 1)) for k in ("fp32", "ptq")},
               "artifacts": {k: str(f) for k, f in files.items()}}
+    if q.onnx:
+        import onnxruntime
+        result.update(onnxruntime=onnxruntime.__version__, onnx_fp32_nodes=json.loads(
+            (files["onnx_ptq"].parent / onnx_export.META_FILE).read_text())["fp32_nodes"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text("\n".join(render(result, data.class_names)))
@@ -208,6 +223,8 @@ def check_training_config(cfg, num_classes: int, specs) -> None:
     skeleton = build_model(quantize.deploy_config(cfg), num_classes, abstract=True,
                            task_specs=specs)
     quantize.plan(skeleton, cfg.quantize)
+    if cfg.quantize.onnx:
+        onnx_export.check(skeleton, specs)
     if cfg.quantize.qat.epochs:
         quantize.qat_paths(cfg, cfg.quantize.qat, skeleton)
 
@@ -237,6 +254,9 @@ def headline(result: dict) -> dict:
                     pre + "size_ratio": r["size_ratio"]})
         for b, lat in r["latency"].items():
             out[f"{pre}latency_b{b}_ratio"] = lat["p50_ms"] / base["latency"][b]["p50_ms"]
+            if name == "onnx_ptq":  # int8 vs fp32 within ONNX Runtime too
+                out[f"{pre}latency_b{b}_ratio_onnx_fp32"] = (
+                    lat["p50_ms"] / table_["onnx_fp32"]["latency"][b]["p50_ms"])
     return out
 
 
@@ -265,6 +285,14 @@ def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
             quantize.calibrate(trained, val, bs, q.calibration_batches)
         variants["qat"] = quantize.to_int8(trained, modes)
         files["qat"] = _save(variants["qat"], out / "qat", {**meta, "qat": history}, run_dir)
+    if q.onnx:
+        calibration = list(batches(val, bs, np.arange(len(val)), limit=q.calibration_batches))
+        info = {k: meta[k] for k in ("class_names", "run_dir", "checkpoint")}
+        files["onnx_fp32"] = onnx_export.save(model, out / "onnx_fp32", info, calibration[0])
+        files["onnx_ptq"] = onnx_export.quantize_static(files["onnx_fp32"], out / "onnx_ptq",
+                                                        calibration, modes, info)
+        variants.update({k: onnx_export.load_onnx(files[k].parent)
+                         for k in ("onnx_fp32", "onnx_ptq")})
     return variants, files, {"static_scales": scales, "sensitivity": sens, "qat": history}
 
 
@@ -332,6 +360,7 @@ def render(result: dict, names: list[str]) -> list[str]:
              f"test split, n={result['n_test']}; activations `{result['activations']}`"
              f"{' (weight-only)' if result['weight_only'] else ''}.", "",
              *comparison(result, names),
+             *onnx_note(result),
              "Sizes are the weights as safetensors (fp32: every weight in f32; int8: int8 "
              "weights + f32 scales + the fp32 rest). Latency: one forward pass, round-robin "
              "between the models, after warm-up. Max abs logit diff: vs fp32 on test.", "",
@@ -361,10 +390,27 @@ def render(result: dict, names: list[str]) -> list[str]:
                   + "; ".join(f"epoch {h['epoch']}: loss {fmt(h.get('train/loss'))}, "
                               f"accuracy {fmt(h.get('train/accuracy'))}"
                               for h in result["qat"]), ""]
-    lines += ["## Artifacts", "", *(f"- `{k}`: `{v}` — `ftlab.quantize.load_quantized"
+    loader = {True: "onnx_export.load_onnx", False: "quantize.load_quantized"}
+    lines += ["## Artifacts", "", *(f"- `{k}`: `{v}` — `ftlab.{loader[k.startswith('onnx')]}"
                                     f"(\"{Path(v).parent}\")`"
                                     for k, v in result["artifacts"].items()), ""]
     return lines
+
+
+def onnx_note(result: dict) -> list[str]:
+    """What the ONNX Runtime rows are, and their int8 ÷ fp32 latency within that runtime."""
+    table_ = result["table"]
+    if "onnx_ptq" not in table_:
+        return []
+    a, b = table_["onnx_ptq"]["latency"], table_["onnx_fp32"]["latency"]
+    ratios = ", ".join(f"b{k} {fmt(a[k]['p50_ms'] / b[k]['p50_ms'])}x" for k in a)
+    fp32 = result.get("onnx_fp32_nodes") or []
+    return [f"**ONNX Runtime** rows (`onnx_*`): the model as an ONNX graph (BatchNorm folded "
+            f"into the convs) run by ONNX Runtime {result.get('onnxruntime', '')} on the CPU; "
+            "`onnx_ptq` is its static int8 (QDQ: per-channel int8 weights, uint8 activations "
+            "calibrated on the same val batches; depthwise convs int8 too), "
+            f"{len(fp32)} node(s) kept fp32 by the rules{': ' + ', '.join(fp32) if fp32 else ''}"
+            f". onnx_ptq ÷ onnx_fp32 p50 latency: {ratios}.", ""]
 
 
 def link_from_eval(run_dir: Path, out: Path, result: dict, names: list[str]) -> Path | None:

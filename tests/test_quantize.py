@@ -160,7 +160,8 @@ def test_bad_quantize_config_fails_before_training(tmp_path):
     from ftlab.train import run
     for override, key in (("quantize.rules.all.mode=w4", "quantize.rules.all.mode"),
                           ("quantize.rules.all.pattern=encoder/.*", "quantize.rules.all"),
-                          ("quantize.qat.train=nothing/.*", "quantize.qat.train")):
+                          ("quantize.qat.train=nothing/.*", "quantize.qat.train"),
+                          ("quantize.onnx=true", "quantize.onnx")):  # not an EfficientNet
         with pytest.raises(ConfigError, match=key):
             run(compose_cfg(*SMOKE, *QUANTIZE, override), tmp_path / "r")
         assert not list((tmp_path / "r").glob("ckpt/*")) and \
@@ -281,3 +282,68 @@ def test_minilm_w8a8_keeps_sentence_embeddings():
     a, b = np.asarray(model.embed(ids, mask)), np.asarray(q.embed(ids, mask))
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cos.min() > 0.99
+
+
+# ---- ONNX Runtime: the exported graph and its int8 ----
+
+def test_onnx_graph_matches_the_model_and_its_int8_keeps_excluded_nodes_fp32(tmp_path):
+    import onnx
+    from ftlab import onnx_export
+    from ftlab.models.loading import LoadError
+    model = _tiny_lite()
+    images = IMAGES.arrays["image"]
+    ref = np.asarray(quantize.logits(model, IMAGES, 8)[0])
+    info = {"class_names": ["a", "b"]}
+    fp32 = onnx_export.save(model, tmp_path / "f", info, {"image": images})
+    np.testing.assert_allclose(onnx_export.load_onnx(tmp_path / "f").logits({"image": images}),
+                               ref, atol=1e-5 * np.abs(ref).max())
+    modes = quantize.plan(model, _cfg(all=(".*", "w8a8"), keep=("stem/.*", "fp32")))
+    int8 = onnx_export.quantize_static(fp32, tmp_path / "q", [{"image": images}], modes, info)
+    loaded = onnx_export.load_onnx(tmp_path / "q")
+    out, labels = loaded.predict(IMAGES, 3)  # 3 batches, the last one padded
+    np.testing.assert_array_equal(labels, IMAGES.arrays["label"])
+    assert 0 < np.abs(out - ref).max() <= TOL * np.abs(ref).max()
+    inits = {i.name: i.data_type for i in onnx.load(str(int8)).graph.initializer}
+    int8_kernels = {n[:-len("_quantized")] for n, t in inits.items()
+                    if t == onnx.TensorProto.INT8 and n.endswith("_quantized")}
+    assert int8_kernels == {p for p, m in modes.items() if m != "fp32"}  # depthwise too
+    assert inits["stem/conv/kernel"] == onnx.TensorProto.FLOAT
+    assert loaded.meta["fp32_nodes"] == ["stem/conv/kernel"]
+    assert int8.stat().st_size < fp32.stat().st_size  # tiny: scales weigh; Lite0 0.28x
+    wide = efficientnet.EfficientNetLite(  # a hidden head layer, per-channel normalisation
+        efficientnet.VARIANTS["tiny"], 3, head_hidden=(8,), head_activation="gelu",
+        mean=[120.0, 110.0, 100.0], std=[60.0, 50.0, 40.0], rngs=nnx.Rngs(1))
+    ref = np.asarray(quantize.logits(wide, IMAGES, 8)[0])
+    onnx_export.save(wide, tmp_path / "w", info, {"image": images})
+    np.testing.assert_allclose(onnx_export.load_onnx(tmp_path / "w").logits({"image": images}),
+                               ref, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(LoadError, match="onnx.json"):
+        onnx_export.load_onnx(tmp_path)
+    with pytest.raises(ConfigError, match="quantize.onnx"):
+        onnx_export.check(_tiny_bert())
+    with pytest.raises(ConfigError, match="quantize.onnx"):
+        quantize.check(QuantizeConfig(rules={"a": QuantRule(".*", "w8a8")}, onnx=True,
+                                      weight_only=True))
+
+
+def test_a_vision_run_quantized_with_onnx_runtime_reports_and_saves_it(tmp_path):
+    """`quantize=elpv_defect` (onnx: true) at the end of a tiny EfficientNet run: the ONNX
+    rows in the table and results.json, the artifacts loadable alone, the rules' fp32 nodes."""
+    from ftlab import onnx_export
+    from ftlab.train import run
+    run(compose_cfg("experiment=elpv_tiny", "debug=smoke", "dataset.image_size=16",
+                    "logger.mode=disabled", "eval.baselines=false", "eval.plots=false",
+                    "eval.latency=false", "quantize=elpv_defect", "quantize.sensitivity=false",
+                    "quantize.qat.epochs=0", "quantize.calibration_batches=2"), tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    result = json.loads((tmp_path / "quantize" / "quantize.json").read_text())
+    assert set(result["table"]) == {"fp32", "ptq", "onnx_fp32", "onnx_ptq"}
+    assert result["table"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4  # the same model
+    assert res["quantize/onnx_ptq/size_ratio"] < 1  # tiny: scales weigh (Lite0: 0.27)
+    assert res["quantize/onnx_ptq/latency_b32_ratio_onnx_fp32"] > 0
+    assert result["onnx_fp32_nodes"] == ["blocks/0/depthwise/kernel",
+                                         "blocks/1/depthwise/kernel", "stem/conv/kernel"]
+    loaded = onnx_export.load_onnx(result["artifacts"]["onnx_ptq"].rsplit("/", 1)[0])
+    images = RNG.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    assert loaded.logits({"image": images}).shape == (3, 2)
+    assert "ONNX Runtime" in (tmp_path / "quantize" / "report.md").read_text()
