@@ -1,7 +1,7 @@
 """Int8 vs fp32 for deployment: latency at batch 1 and 32, size on disk and test accuracy of
 ftlab-quantize's PTQ models (rules from conf/quantize/<file>.yaml, w8a8 with static scales
-calibrated on 8 val batches and/or dynamic ones, and weight-only w8; with `onnx: true` in the
-rules file, the ONNX export in ONNX Runtime, fp32 and static int8), as ratios to ftlab's fp32
+calibrated on 8 val batches and/or dynamic ones, and weight-only w8) and of the ONNX export
+run by ONNX Runtime (fp32, and its int8: `quantize.onnx=true`), as ratios to ftlab's fp32
 model measured in the same process (ONNX Runtime's int8 also to its own fp32).
 
 Goal (issue #7): latency <= 0.5x, size <= 0.3x, accuracy drop <= 1 point on MiniLM/BBC and
@@ -53,18 +53,16 @@ def rules(name: str) -> dict:
 
 
 def onnx_variants(model, parts, bs, rule_file: str, tmp: Path) -> dict:
-    """With `onnx: true` in the rules file: the model exported to ONNX (fp32) and ONNX
-    Runtime's static int8 of it, calibrated on 8 val batches, as ftlab-quantize makes them."""
-    q = qconfig(rule_file)
-    if not q.onnx:
-        return {}
+    """The model exported to ONNX (fp32) and ONNX Runtime's int8 of it (Lite0: static,
+    calibrated on 8 val batches; MiniLM: dynamic), as ftlab-quantize makes them with
+    quantize.onnx=true."""
     val = parts["val"]
     calibration = list(batches(val, bs, np.arange(len(val)), limit=8))
     fp32 = onnx_export.save(model, tmp / "fp32", {"class_names": []}, calibration[0])
-    int8 = onnx_export.quantize_static(fp32, tmp / "int8", calibration,
-                                       quantize.plan(model, q), {"class_names": []})
+    int8 = onnx_export.quantize(fp32, tmp / "int8", calibration,
+                                quantize.plan(model, qconfig(rule_file)), {"class_names": []})
     return {"onnx_fp32": onnx_export.load_onnx(fp32.parent),
-            "onnx_w8a8_static": onnx_export.load_onnx(int8.parent)}
+            "onnx_int8": onnx_export.load_onnx(int8.parent)}
 
 
 def size_of(model) -> int:
@@ -121,7 +119,7 @@ def bench(label: str, model, parts, example, bs, args, tmp: Path) -> None:
                  f"quantize/{label}/fp32/latency_b{b}", ms=round(lat[name][b]["p50_ms"], 3),
                  **({"goal": GOALS["latency"], "met": ratio <= GOALS["latency"]} if goal
                     else {}))
-            if name == "onnx_w8a8_static":  # int8 vs fp32 within ONNX Runtime
+            if name == "onnx_int8":  # int8 vs fp32 within ONNX Runtime
                 emit(f"quantize/{label}/{name}/latency_b{b}_vs_onnx_fp32",
                      ratio / (lat["onnx_fp32"][b]["p50_ms"] / lat["fp32"][b]["p50_ms"]),
                      "x onnx_fp32", f"quantize/{label}/onnx_fp32/latency_b{b}")

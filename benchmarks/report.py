@@ -146,12 +146,13 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append(table(["model", "variant", "size x fp32", "latency b1 x", "latency b32 x",
                             "accuracy drop (points)"], rows))
         for m in qm:
-            own = [r.get(f"quantize/{m}/onnx_w8a8_static/latency_b{b}_vs_onnx_fp32")
+            own = [r.get(f"quantize/{m}/onnx_int8/latency_b{b}_vs_onnx_fp32")
                    for b in (1, 32)]
             if all(own):
                 parts.append(f"{m}: `onnx_fp32` is ftlab's fp32 model exported to ONNX and run "
                              "by ONNX Runtime (the runtime's own speed, no int8); "
-                             "`onnx_w8a8_static` is ONNX Runtime's static int8 of it. Within "
+                             "`onnx_int8` is ONNX Runtime's int8 of it (static for Lite0, "
+                             "dynamic for MiniLM). Within "
                              f"ONNX Runtime, int8 / fp32 latency: b1 {fmt(own[0]['value'], 2)}x, "
                              f"b32 {fmt(own[1]['value'], 2)}x.")
     dw = [k for k in r if k.startswith("depthwise/")]

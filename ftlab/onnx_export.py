@@ -1,41 +1,53 @@
 """ONNX Runtime deployment of a finished run's model: the fp32 model as a standard ONNX graph,
-and its int8 version from ONNX Runtime's static quantization, which runs on MLAS's int8
-kernels (VNNI / AMX on x86).
+and its int8 version from ONNX Runtime's quantization, which runs on MLAS's int8 kernels
+(VNNI / AMX on x86).
 
 Why a second int8 path: on XLA:CPU the int8 EfficientNet (`ftlab.quantize`) runs s8 dots for
 its 1x1 convs but its depthwise convs, BatchNorm, ReLU6 and the (de)quantize passes in f32,
-and stays at ~0.85x of fp32 latency (README, int8 section). ONNX Runtime fuses a conv with
-its requantization and runs the depthwise convs in int8 too.
+and stays at ~0.85x of fp32 latency (README, int8 section); on a CPU without AMX the int8
+MiniLM stays at ~0.7x. ONNX Runtime fuses a conv with its requantization, runs the depthwise
+convs in int8 too, and quantizes a transformer's activations on the fly.
 
-The graph is written from the module tree in standard ops: the input (NHWC, 0-255) is
-normalised and transposed to NCHW, each BatchNorm is folded into the conv before it, ReLU6
-is `Clip(0, 6)`, the head is `Gemm`s. Every `Conv` / `Gemm` node is named by the param path
-of its kernel (`blocks/3/expand/kernel`, as in `ftlab-quantize`'s rules), so the weights
-whose mode is fp32 are the nodes left out of quantization. Int8: QDQ format, int8 weights
-with one scale per output channel, uint8 activations with one scale per tensor from the
-min / max over calibration batches (ONNX Runtime's x86 kernels are u8 x s8).
-
-Supported: EfficientNet-Lite (single task). Other models keep the XLA int8 path.
+The graph is written from the module tree in standard ops, every `Conv` / `MatMul` / `Gather`
+with a weight named by that weight's param path (`blocks/3/expand/kernel`,
+`layers/0/fc1/kernel`, as in `ftlab-quantize`'s rules), so the weights whose mode is fp32
+are the nodes left out of quantization.
+- EfficientNet-Lite: the input (NHWC, 0-255) normalised and transposed to NCHW, each
+  BatchNorm folded into the conv before it, ReLU6 as `Clip(0, 6)`. Int8: static QDQ, int8
+  weights with one scale per output channel, uint8 activations with one scale per tensor
+  from the min / max over calibration batches (ONNX Runtime's x86 kernels are u8 x s8).
+- BERT (MiniLM): embeddings, attention, `LayerNormalization`, `Gelu`, masked mean / [CLS]
+  pooling. Int8: dynamic (weights int8 per output channel, activations quantized per call;
+  what ONNX Runtime recommends for transformers; static QDQ measured 1.2x slower here), the
+  word-embedding table 8-bit too.
+`save` checks that the graph reproduces the model on the example rows before anything else.
+Single-task models with one `ClassifierHead`, no unmerged adapters; others keep the XLA path.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from flax import nnx
 
+from ftlab import peft
 from ftlab.data.batches import ArrayData, batches
+from ftlab.models.bert import BertClassifier
 from ftlab.models.efficientnet import EfficientNetLite, same_pad
 from ftlab.models.heads import ACTIVATIONS as HEAD_ACTIVATIONS, ClassifierHead
 from ftlab.models.loading import LoadError
 from ftlab.schema import ConfigError
+from ftlab.step import set_modes
 
 MODEL_FILE, META_FILE, FORMAT = "model.onnx", "onnx.json", "ftlab-onnx/1"
-OPSET = 20  # Gelu (a head's activation) is an op from 20 on
+OPSET = 20  # Gelu is an op from 20 on
 ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "gelu": "Gelu"}
+INPUTS = {EfficientNetLite: ("image",), BertClassifier: ("input_ids", "attention_mask")}
 
 
 def check(model, specs=None) -> None:
@@ -43,10 +55,13 @@ def check(model, specs=None) -> None:
     if specs is not None and len(specs) > 1:
         raise ConfigError("quantize.onnx", "multi-task models are not exported to ONNX; set "
                                            "quantize.onnx=false")
-    if not isinstance(model, EfficientNetLite) or not isinstance(model.head, ClassifierHead):
+    if type(model) not in INPUTS or not isinstance(model.head, ClassifierHead):
         raise ConfigError("quantize.onnx", f"{type(model).__name__} is not exported to ONNX "
-                                           "(EfficientNet-Lite with one head is); set "
-                                           "quantize.onnx=false and use the XLA int8 models")
+                                           "(EfficientNet-Lite and BERT with one head are); "
+                                           "set quantize.onnx=false")
+    if any(isinstance(m, peft.AdapterLinear) for _, m in nnx.iter_modules(model)):
+        raise ConfigError("quantize.onnx", "bottleneck adapters are not exported to ONNX; set "
+                                           "quantize.onnx=false")
 
 
 class _Graph:
@@ -63,6 +78,12 @@ class _Graph:
         from onnx import numpy_helper
         name = name or self._name("const")
         self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def ints(self, value) -> str:
+        from onnx import numpy_helper
+        name = self._name("ints")
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
         return name
 
     def op(self, kind: str, inputs: list[str], name: str | None = None, **attrs) -> str:
@@ -112,13 +133,8 @@ class _Lite:
         return self.g.op("Add", [x, h]) if blk.residual else h
 
 
-def graph(model: EfficientNetLite, height: int, width: int):
-    """The model (inference mode) as an ONNX model: input `image` (N, height, width, 3) f32
-    in 0-255, output `logits` (N, classes)."""
-    import onnx
-    from onnx import TensorProto, helper
-    check(model)
-    g = _Graph()
+def _lite(g: _Graph, model: EfficientNetLite, example: dict) -> str:
+    _, height, width, _ = np.shape(example["image"])
     x = g.op("Div", [g.op("Sub", ["image", g.const(model.mean)]), g.const(model.std)])
     x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
     lite = _Lite(g, (height, width))
@@ -127,50 +143,147 @@ def graph(model: EfficientNetLite, height: int, width: int):
     for i, blk in enumerate(model.blocks):
         x = lite.block(x, i, blk)
     x = lite.relu6(lite.pointwise(x, "top/conv", model.top.conv, model.top.bn))
-    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])])
+    return g.op("Flatten", [g.op("GlobalAveragePool", [x])])
+
+
+def _arr(v) -> np.ndarray:
+    return np.asarray(v[...])
+
+
+def _dense(g: _Graph, x: str, layer, path: str) -> str:
+    """`MatMul` (named `path`, the kernel's param path) + bias. Not `Gemm`: ONNX Runtime's
+    dynamic quantization rewrites a Gemm under a new name, past the rules' exclusions."""
+    return g.op("Add", [g.op("MatMul", [x, g.const(_arr(layer.kernel), path)], name=path),
+                        g.const(_arr(layer.bias))])
+
+
+def _bert(g: _Graph, model: BertClassifier, example: dict) -> str:
+    def norm(x, ln):
+        return g.op("LayerNormalization", [x, g.const(_arr(ln.scale)), g.const(_arr(ln.bias))],
+                    axis=-1, epsilon=float(ln.epsilon))
+
+    def dense(x, layer, path):
+        return _dense(g, x, layer, path)
+
+    e = model.embeddings
+    word = "embeddings/word/embedding"
+    x = g.op("Gather", [g.const(_arr(e.word.embedding), word), "input_ids"], name=word)
+    tokens = g.op("Shape", ["input_ids"], start=1, end=2)
+    pos = g.op("Slice", [g.const(_arr(e.position.embedding), "embeddings/position/embedding"),
+                         g.ints([0]), tokens, g.ints([0])])
+    x = norm(g.op("Add", [g.op("Add", [x, pos]), g.const(_arr(e.token_type.embedding)[0])]),
+             e.norm)
+    keep = g.op("Greater", ["attention_mask", g.ints(0)])
+    bias = g.op("Unsqueeze", [g.op("Where", [keep, g.const(np.float32(0)),
+                                             g.const(np.float32(-1e9))]), g.ints([1, 2])])
+    heads = model.layers[0].attention.heads
+    c = _arr(model.layers[0].attention.query.kernel).shape[0]
+    d = c // heads
+    gelu = {"gelu": {}, "gelu_new": {"approximate": "tanh"},
+            "gelu_pytorch_tanh": {"approximate": "tanh"}}
+    for i, layer in enumerate(model.layers):
+        a, p = layer.attention, f"layers/{i}/attention"
+
+        def heads_of(y, perm=(0, 2, 1, 3)):  # (b, t, c) -> (b, h, t, d), or (b, h, d, t)
+            return g.op("Transpose", [g.op("Reshape", [y, g.ints([0, 0, heads, d])])],
+                        perm=list(perm))
+        q = g.op("Mul", [heads_of(dense(x, a.query, f"{p}/query/kernel")),
+                         g.const(np.float32(1.0 / math.sqrt(d)))])
+        k = heads_of(dense(x, a.key, f"{p}/key/kernel"), (0, 2, 3, 1))
+        v = heads_of(dense(x, a.value, f"{p}/value/kernel"))
+        probs = g.op("Softmax", [g.op("Add", [g.op("MatMul", [q, k]), bias])], axis=-1)
+        ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+        ctx = g.op("Reshape", [ctx, g.ints([0, 0, c])])
+        x = norm(g.op("Add", [x, dense(ctx, a.out, f"{p}/out/kernel")]), layer.attention_norm)
+        act = next(n for n, f in _bert_acts().items() if f is layer.act)
+        h = dense(x, layer.fc1, f"layers/{i}/fc1/kernel")
+        h = g.op("Gelu", [h], **gelu[act]) if act in gelu else g.op("Relu", [h])
+        x = norm(g.op("Add", [x, dense(h, layer.fc2, f"layers/{i}/fc2/kernel")]),
+                 layer.mlp_norm)
+    if model.pooling == "cls":
+        return g.op("Gather", [x, g.ints(0)], axis=1)
+    m = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=1), g.ints([2])])  # 1: float
+    total = g.op("ReduceSum", [g.op("Mul", [x, m]), g.ints([1])], keepdims=0)
+    count = g.op("Max", [g.op("ReduceSum", [m, g.ints([1])], keepdims=0),
+                         g.const(np.float32(1))])
+    return g.op("Div", [total, count])
+
+
+def _bert_acts() -> dict:
+    from ftlab.models.bert import ACTS
+    return ACTS
+
+
+def graph(model, example: dict):
+    """The model (inference mode) as an ONNX model: inputs as in `example` (`image` (N, H,
+    W, 3) f32 in 0-255, or int64 `input_ids` and `attention_mask` (N, T)), output `logits`."""
+    import onnx
+    from onnx import TensorProto, helper
+    check(model)
+    g = _Graph()
+    x = (_lite if isinstance(model, EfficientNetLite) else _bert)(g, model, example)
     head = model.head
     for i, layer in enumerate(head.layers):
         if i:
             kind = ACTIVATIONS[{f: n for n, f in HEAD_ACTIVATIONS.items()}[head.activation]]
             x = g.op(kind, [x], **({"approximate": "tanh"} if kind == "Gelu" else {}))
-        path = f"head/layers/{i}/kernel"
-        x = g.op("Gemm", [x, g.const(np.asarray(layer.kernel[...]).T, path),
-                          g.const(layer.bias[...])], name=path, transB=1)
+        x = _dense(g, x, layer, f"head/layers/{i}/kernel")
     g.nodes[-1].output[0] = "logits"
     classes = int(head.layers[-1].kernel.shape[1])
+    inputs = [helper.make_tensor_value_info(
+        n, TensorProto.FLOAT if n == "image" else TensorProto.INT64,
+        ["batch", *np.shape(example[n])[1:]] if n == "image" else ["batch", "tokens"])
+        for n in INPUTS[type(model)]]
     out = helper.make_model(
-        helper.make_graph(g.nodes, "ftlab", [helper.make_tensor_value_info(
-            "image", TensorProto.FLOAT, ["batch", height, width, 3])],
-            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-            g.inits),
+        helper.make_graph(g.nodes, "ftlab", inputs, [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch", classes])], g.inits),
         opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ftlab")
     onnx.checker.check_model(out)
     return out
 
 
-def _image(batch: dict) -> np.ndarray:
-    return np.asarray(batch["image"], np.float32)
+def _feed(batch: dict, names) -> dict[str, np.ndarray]:
+    return {n: np.asarray(batch[n], np.float32 if n == "image" else np.int64) for n in names}
 
 
-def save(model: EfficientNetLite, folder: Path, meta: dict, example: dict) -> Path:
-    """Write the fp32 graph (input size from `example["image"]`) and its meta to `folder`."""
-    _, h, w, _ = np.shape(example["image"])
+def save(model, folder: Path, meta: dict, example: dict, rows: int = 2) -> Path:
+    """Write the fp32 graph (input shapes from `example`) and its meta to `folder`, after
+    checking on `rows` rows of `example` that it computes the model's logits."""
+    import onnx
+    import onnxruntime as ort
+    names = INPUTS[type(model)]
+    proto = graph(model, example)
+    few = {n: np.asarray(example[n])[:rows] for n in names}
+    set_modes(model, None)
+    ref = np.asarray(model(few))
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(["logits"], _feed(few, names))[0]
+    diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max()) + 1e-6
+    if not diff <= 1e-3 * scale:
+        raise ConfigError("quantize.onnx", f"the ONNX graph differs from the model by {diff:.3g}"
+                                           f" (max |logit| {scale:.3g}); set quantize.onnx=false")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL_FILE
-    import onnx
-    onnx.save(graph(model, h, w), str(path))
-    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, "int8": False, **meta},
-                                               indent=2))
+    onnx.save(proto, str(path))
+    (folder / META_FILE).write_text(json.dumps(
+        {"format": FORMAT, "int8": None, "inputs": list(names), **meta}, indent=2))
     return path
 
 
-def quantize_static(fp32: Path, folder: Path, calibration: Iterable[dict],
-                    modes: dict[str, str], meta: dict) -> Path:
-    """ONNX Runtime's static int8 of the graph at `fp32`, calibrated on `calibration` batches;
-    weights whose mode is fp32 keep their nodes in fp32. Writes `folder`."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_static as qs)
+def quantize(fp32: Path, folder: Path, calibration: Iterable[dict], modes: dict[str, str],
+             meta: dict) -> Path:
+    """ONNX Runtime's int8 of the graph saved at `fp32` (an image model: static, calibrated
+    on the `calibration` batches; a transformer: dynamic); weights whose mode is fp32 keep
+    their nodes in fp32. Writes `folder`."""
     import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    names = json.loads((fp32.parent / META_FILE).read_text())["inputs"]
+    nodes = {n.name for n in onnx.load(str(fp32)).graph.node}
+    excluded = sorted(p for p, m in modes.items() if m == "fp32" and p in nodes)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MODEL_FILE
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -178,22 +291,27 @@ def quantize_static(fp32: Path, folder: Path, calibration: Iterable[dict],
 
         def get_next(self):
             b = next(self.it, None)
-            return None if b is None else {"image": _image(b)}
+            return None if b is None else _feed(b, names)
 
-    nodes = {n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node}
-    excluded = sorted(p for p, m in modes.items() if m == "fp32" and p in nodes)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MODEL_FILE
-    hint = _Drop("pre-process")  # its advice to pre-process first: our graph has static
-    logging.getLogger().addFilter(hint)  # shapes and no BatchNorm left; measured, no faster
+    hint = _Drop("pre-process")  # its advice to pre-process first: our graphs have no
+    logging.getLogger().addFilter(hint)  # BatchNorm or unknown shapes left; measured, no faster
     try:
-        qs(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-           activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-           calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
+        if "image" in names:
+            method = "static"
+            quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                            calibrate_method=CalibrationMethod.MinMax)
+        else:
+            method = "dynamic"
+            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                             nodes_to_exclude=excluded)
     finally:
         logging.getLogger().removeFilter(hint)
     (folder / META_FILE).write_text(json.dumps(
-        {"format": FORMAT, "int8": True, "fp32_nodes": excluded, **meta}, indent=2))
+        {"format": FORMAT, "int8": method, "inputs": names, "fp32_nodes": excluded, **meta},
+        indent=2))
     return path
 
 
@@ -209,8 +327,8 @@ class _Drop(logging.Filter):
 
 
 class OnnxModel:
-    """A model saved by `save` / `quantize_static`, run by ONNX Runtime on the CPU:
-    `logits(batch)` on prepared inputs (`batch["image"]`, NHWC 0-255)."""
+    """A model saved by `save` / `quantize`, run by ONNX Runtime on the CPU: `logits(batch)`
+    on prepared inputs (the run's image size or tokenizer; `meta["inputs"]` names them)."""
 
     def __init__(self, folder: Path):
         import onnxruntime as ort
@@ -230,7 +348,7 @@ class OnnxModel:
         return list(self.meta["class_names"])
 
     def logits(self, batch: dict) -> np.ndarray:
-        return self.session.run(["logits"], {"image": _image(batch)})[0]
+        return self.session.run(["logits"], _feed(batch, self.meta["inputs"]))[0]
 
     def predict(self, data: ArrayData, batch_size: int, limit: int | None = None):
         """(logits, labels) of the real rows of `data`, in order (like `loop.predict`)."""

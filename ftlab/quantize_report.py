@@ -207,8 +207,9 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
               "artifacts": {k: str(f) for k, f in files.items()}}
     if q.onnx:
         import onnxruntime
-        result.update(onnxruntime=onnxruntime.__version__, onnx_fp32_nodes=json.loads(
-            (files["onnx_ptq"].parent / onnx_export.META_FILE).read_text())["fp32_nodes"])
+        saved = json.loads((files["onnx_ptq"].parent / onnx_export.META_FILE).read_text())
+        result.update(onnxruntime=onnxruntime.__version__, onnx_int8=saved["int8"],
+                      onnx_fp32_nodes=saved["fp32_nodes"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text("\n".join(render(result, data.class_names)))
@@ -289,8 +290,8 @@ def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
         calibration = list(batches(val, bs, np.arange(len(val)), limit=q.calibration_batches))
         info = {k: meta[k] for k in ("class_names", "run_dir", "checkpoint")}
         files["onnx_fp32"] = onnx_export.save(model, out / "onnx_fp32", info, calibration[0])
-        files["onnx_ptq"] = onnx_export.quantize_static(files["onnx_fp32"], out / "onnx_ptq",
-                                                        calibration, modes, info)
+        files["onnx_ptq"] = onnx_export.quantize(files["onnx_fp32"], out / "onnx_ptq",
+                                                 calibration, modes, info)
         variants.update({k: onnx_export.load_onnx(files[k].parent)
                          for k in ("onnx_fp32", "onnx_ptq")})
     return variants, files, {"static_scales": scales, "sensitivity": sens, "qat": history}
@@ -405,12 +406,15 @@ def onnx_note(result: dict) -> list[str]:
     a, b = table_["onnx_ptq"]["latency"], table_["onnx_fp32"]["latency"]
     ratios = ", ".join(f"b{k} {fmt(a[k]['p50_ms'] / b[k]['p50_ms'])}x" for k in a)
     fp32 = result.get("onnx_fp32_nodes") or []
-    return [f"**ONNX Runtime** rows (`onnx_*`): the model as an ONNX graph (BatchNorm folded "
-            f"into the convs) run by ONNX Runtime {result.get('onnxruntime', '')} on the CPU; "
-            "`onnx_ptq` is its static int8 (QDQ: per-channel int8 weights, uint8 activations "
-            "calibrated on the same val batches; depthwise convs int8 too), "
-            f"{len(fp32)} node(s) kept fp32 by the rules{': ' + ', '.join(fp32) if fp32 else ''}"
-            f". onnx_ptq ÷ onnx_fp32 p50 latency: {ratios}.", ""]
+    how = {"static": "static int8 (QDQ: per-channel int8 weights, uint8 activations "
+                     "calibrated on the same val batches; depthwise convs int8 too)",
+           "dynamic": "dynamic int8 (per-channel int8 weights, activations quantized per "
+                      "call; the word-embedding table 8-bit)"}[result["onnx_int8"]]
+    return [f"**ONNX Runtime** rows (`onnx_*`): the model as an ONNX graph "
+            f"(`ftlab.onnx_export`) run by ONNX Runtime {result['onnxruntime']} on the CPU; "
+            f"`onnx_ptq` is its {how}, {len(fp32)} node(s) kept fp32 by the rules"
+            f"{': ' + ', '.join(fp32) if fp32 else ''}. onnx_ptq ÷ onnx_fp32 p50 latency: "
+            f"{ratios}.", ""]
 
 
 def link_from_eval(run_dir: Path, out: Path, result: dict, names: list[str]) -> Path | None:

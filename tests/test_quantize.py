@@ -161,9 +161,9 @@ def test_bad_quantize_config_fails_before_training(tmp_path):
     for override, key in (("quantize.rules.all.mode=w4", "quantize.rules.all.mode"),
                           ("quantize.rules.all.pattern=encoder/.*", "quantize.rules.all"),
                           ("quantize.qat.train=nothing/.*", "quantize.qat.train"),
-                          ("quantize.onnx=true", "quantize.onnx")):  # not an EfficientNet
+                          ("quantize.onnx=true,quantize.weight_only=true", "quantize.onnx")):
         with pytest.raises(ConfigError, match=key):
-            run(compose_cfg(*SMOKE, *QUANTIZE, override), tmp_path / "r")
+            run(compose_cfg(*SMOKE, *QUANTIZE, *override.split(",")), tmp_path / "r")
         assert not list((tmp_path / "r").glob("ckpt/*")) and \
             not (tmp_path / "r" / "results.json").exists()
 
@@ -298,7 +298,7 @@ def test_onnx_graph_matches_the_model_and_its_int8_keeps_excluded_nodes_fp32(tmp
     np.testing.assert_allclose(onnx_export.load_onnx(tmp_path / "f").logits({"image": images}),
                                ref, atol=1e-5 * np.abs(ref).max())
     modes = quantize.plan(model, _cfg(all=(".*", "w8a8"), keep=("stem/.*", "fp32")))
-    int8 = onnx_export.quantize_static(fp32, tmp_path / "q", [{"image": images}], modes, info)
+    int8 = onnx_export.quantize(fp32, tmp_path / "q", [{"image": images}], modes, info)
     loaded = onnx_export.load_onnx(tmp_path / "q")
     out, labels = loaded.predict(IMAGES, 3)  # 3 batches, the last one padded
     np.testing.assert_array_equal(labels, IMAGES.arrays["label"])
@@ -319,11 +319,37 @@ def test_onnx_graph_matches_the_model_and_its_int8_keeps_excluded_nodes_fp32(tmp
                                ref, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(LoadError, match="onnx.json"):
         onnx_export.load_onnx(tmp_path)
-    with pytest.raises(ConfigError, match="quantize.onnx"):
-        onnx_export.check(_tiny_bert())
+    with pytest.raises(ConfigError, match="quantize.onnx"):  # not an exported architecture
+        onnx_export.check(nnx.Module())
+    with pytest.raises(ConfigError, match="quantize.onnx"):  # multi-task
+        onnx_export.check(model, specs=[object(), object()])
     with pytest.raises(ConfigError, match="quantize.onnx"):
         quantize.check(QuantizeConfig(rules={"a": QuantRule(".*", "w8a8")}, onnx=True,
                                       weight_only=True))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_bert_onnx_graph_matches_and_its_dynamic_int8_agrees(tmp_path, pooling):
+    import onnx
+    from ftlab import onnx_export
+    model = bert.BertClassifier(bert.VARIANTS["tiny"], 3, head_hidden=(32,), pooling=pooling,
+                                rngs=nnx.Rngs(0))
+    arrays = dict(TOKENS.arrays)
+    lengths = np.random.default_rng(1).integers(4, 17, (24, 1))
+    arrays["attention_mask"] = np.where(np.arange(16) < lengths, 1, 0)
+    data = ArrayData(arrays)
+    ref = np.asarray(quantize.logits(model, data, 8)[0])
+    fp32 = onnx_export.save(model, tmp_path / "f", {"class_names": list("abc")}, arrays)
+    out, _ = onnx_export.load_onnx(tmp_path / "f").predict(data, 8)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    modes = quantize.plan(model, _cfg(all=(".*", "w8a8"), keep=("head/.*", "fp32")))
+    int8 = onnx_export.quantize(fp32, tmp_path / "q", [], modes, {"class_names": list("abc")})
+    out, _ = onnx_export.load_onnx(tmp_path / "q").predict(data, 8)
+    assert 0 < np.abs(out - ref).max() <= TOL * np.abs(ref).max()
+    inits = {i.name: i.data_type for i in onnx.load(str(int8)).graph.initializer}
+    assert inits["layers/0/fc1/kernel_quantized"] == onnx.TensorProto.INT8
+    assert inits["embeddings/word/embedding_quantized"] == onnx.TensorProto.UINT8  # 8-bit
+    assert inits["head/layers/0/kernel"] == onnx.TensorProto.FLOAT  # excluded by the rule
 
 
 def test_a_vision_run_quantized_with_onnx_runtime_reports_and_saves_it(tmp_path):
