@@ -1,6 +1,7 @@
-"""`ftlab-quantize` on a finished run: PTQ and QAT int8 models next to fp32 on the test split
-(accuracy, per-class recall, size on disk, latency p50/p95, max output difference), the
-per-layer sensitivity table, and the int8 artifacts, written to `<run_dir>/quantize/`.
+"""`ftlab-quantize` on a finished run: PTQ and QAT int8 models (and, with `quantize.onnx`, the
+ONNX export in ONNX Runtime, fp32 and int8) next to fp32 on the test split (accuracy,
+per-class recall, size on disk, latency p50/p95, max output difference), the per-layer
+sensitivity table, and the int8 artifacts, written to `<run_dir>/quantize/`.
 
 Latency is measured round-robin (one call of each model in turn) so a shared, noisy CPU
 slows all of them alike and the ratios to fp32 stay comparable.
@@ -243,7 +244,8 @@ def after_training(cfg, run_dir: Path) -> dict:
 def headline(result: dict) -> dict:
     """Flat numbers of each int8 variant against fp32, for a training run's results.json:
     quantize/<variant>/{accuracy, macro_f1, accuracy_drop, size_ratio, latency_b<n>_ratio}
-    (ratios are int8 / fp32, p50 latency measured in the same process)."""
+    (ratios are int8 / fp32, p50 latency measured in the same process), and for onnx_ptq
+    latency_b<n>_ratio_onnx_fp32 (int8 / fp32 within ONNX Runtime)."""
     table_, out = result["table"], {}
     base = table_["fp32"]
     for name, r in table_.items():

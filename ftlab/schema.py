@@ -318,8 +318,8 @@ class QuantizeConfig:
     sensitivity: bool = True  # per layer: val accuracy with only that layer quantized
     sensitivity_batches: Optional[int] = None  # val batches per layer; None: all of val
     qat: QatConfig = field(default_factory=QatConfig)
-    # Also export to ONNX and quantize there with ONNX Runtime (EfficientNet-Lite, single
-    # task): table rows onnx_fp32 / onnx_ptq, int8 depthwise convs too (ftlab.onnx_export)
+    # Also export to ONNX and quantize there with ONNX Runtime (EfficientNet-Lite, BERT;
+    # single task): table rows onnx_fp32 / onnx_ptq (ftlab.onnx_export)
     onnx: bool = False
 
 
