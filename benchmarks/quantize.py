@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from common import emit, image_batch, lite0, minilm, token_batch
 from ftlab import onnx_export, quantize, runs
 from ftlab.data.batches import ArrayData, batches
-from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots, interleaved_latency
+from ftlab.latency import interleaved
+from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots
 from ftlab.models.loading import LoadError
 from ftlab.app_schema import QuantizeConfig
 
@@ -105,7 +106,7 @@ def bench(label: str, model, parts, example, bs, args, tmp: Path) -> None:
                            else quantize.logits(m, data, bs))
             accs[name] = float((out.argmax(-1) == labels).mean())
         emit(f"quantize/{label}/fp32/accuracy", accs["fp32"], "accuracy", n=len(labels))
-    lat = interleaved_latency({"fp32": model, **ints}, example, (1, 32), args.repeats)
+    lat = interleaved({"fp32": model, **ints}, example, (1, 32), args.repeats)
     for b in ("1", "32"):
         emit(f"quantize/{label}/fp32/latency_b{b}", lat["fp32"][b]["p50_ms"], "ms")
     for name, m in ints.items():

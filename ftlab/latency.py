@@ -1,4 +1,5 @@
-"""Inference cost for the evaluation report: per-batch latency, parameter count, disk size."""
+"""Inference cost for the reports: per-batch latency (one model, or several in turns), parameter
+count, disk size."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ftlab.step import make_eval_step, set_modes
 
-def _tile(example: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+
+def tile(example: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """A batch of exactly `rows` rows, cycling through the rows of `example`."""
     n = len(next(iter(example.values())))
     if n == 0:
@@ -44,7 +47,7 @@ def measure(eval_fn: Callable, state, example: dict[str, np.ndarray],
     state = jax.device_put(state)
     out: dict = {}
     for b in batch_sizes:
-        batch = jax.device_put(_tile(example, int(b)))
+        batch = jax.device_put(tile(example, int(b)))
         for _ in range(warmup):
             jax.block_until_ready(eval_fn(state, batch))
         ms = _time_calls(eval_fn, state, batch, iters)
@@ -54,6 +57,37 @@ def measure(eval_fn: Callable, state, example: dict[str, np.ndarray],
                        "mean_ms": mean, "throughput": int(b) / (mean / 1e3)}
     dev = jax.devices()[0]
     out["device"] = f"{dev.platform}/{dev.device_kind}"
+    return out
+
+
+def interleaved(models: dict, example: dict, batch_sizes, iters: int, warmup: int = 3) -> dict:
+    """name -> batch size -> {p50_ms, p95_ms, throughput}, the calls alternating between the
+    models (one call of each in turn), so a shared, noisy CPU slows all of them alike. An nnx
+    model runs as its jitted eval step on the batch placed on the device; anything else (an
+    ONNX Runtime model) as `m.logits(batch)` on the host batch."""
+    fns = {}
+    for name, m in models.items():
+        if isinstance(m, nnx.Module):
+            set_modes(m, None)
+            fn, state = make_eval_step(nnx.graphdef(m)), jax.device_put(nnx.state(m))
+            fns[name] = ((lambda b, fn=fn, state=state: fn(state, b)), True)
+        else:
+            fns[name] = (m.logits, False)
+    out = {name: {} for name in models}
+    for b in batch_sizes:
+        host = tile(example, int(b))
+        batch = {True: jax.device_put(host), False: host}
+        times = {name: [] for name in models}
+        for i in range(warmup + iters):
+            for name, (fn, on_device) in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(batch[on_device]))
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, ms in times.items():
+            out[name][str(b)] = {"p50_ms": float(np.percentile(ms, 50)),
+                                 "p95_ms": float(np.percentile(ms, 95)),
+                                 "throughput": b / (float(np.mean(ms)) / 1e3)}
     return out
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -111,41 +110,6 @@ def fp32_bytes(model) -> int:
         return latency.disk_bytes(path)
 
 
-def _tile(example: dict, rows: int) -> dict:
-    n = len(next(iter(example.values())))
-    return {k: np.asarray(v)[np.arange(rows) % n] for k, v in example.items()}
-
-
-def interleaved_latency(models: dict, example: dict, batch_sizes, iters: int,
-                        warmup: int = 3) -> dict:
-    """name -> batch size -> {p50_ms, p95_ms, throughput}; calls alternate between models
-    (nnx models, given the batch on the device, or `OnnxModel`s, given it on the host)."""
-    fns = {}
-    for name, m in models.items():
-        if isinstance(m, onnx_export.OnnxModel):
-            fns[name] = (m.logits, False)
-        else:
-            set_modes(m, None)
-            fn, state = make_eval_step(nnx.graphdef(m)), jax.device_put(nnx.state(m))
-            fns[name] = ((lambda b, fn=fn, state=state: fn(state, b)), True)
-    out = {name: {} for name in models}
-    for b in batch_sizes:
-        host = _tile(example, int(b))
-        batch = {True: jax.device_put(host), False: host}
-        times = {name: [] for name in models}
-        for i in range(warmup + iters):
-            for name, (fn, on_device) in fns.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(batch[on_device]))
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-        for name, ms in times.items():
-            out[name][str(b)] = {"p50_ms": float(np.percentile(ms, 50)),
-                                 "p95_ms": float(np.percentile(ms, 95)),
-                                 "throughput": b / (float(np.mean(ms)) / 1e3)}
-    return out
-
-
 def hlo_dots(model, example: dict) -> dict:
     """Dots in the compiled forward pass by result type: s32 ones are int8 x int8."""
     set_modes(model, None)
@@ -204,7 +168,7 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
               "rules": {k: vars(r) for k, r in q.rules.items()},
               "modes": rule_table(modes, param_paths(skeleton)), "weights": modes,
               **found, "qat_trained": sorted(paths), "table": rows,
-              "hlo_dots": {k: hlo_dots(variants[k], _tile(example, 1)) for k in ("fp32", "ptq")},
+              "hlo_dots": {k: hlo_dots(variants[k], latency.tile(example, 1)) for k in ("fp32", "ptq")},
               "artifacts": {k: str(f) for k, f in files.items()}}
     if q.onnx:
         import onnxruntime
@@ -313,7 +277,7 @@ def measure(cfg, variants: dict, files: dict, data) -> tuple[dict, dict]:
              **{k: latency.disk_bytes(f) for k, f in files.items()}}
     example = next(batches(test, max(cfg.eval.latency_batch_sizes), np.arange(len(test))))
     example = {k: v for k, v in example.items() if k not in ("label", "weight")}
-    lat = interleaved_latency(variants, example, cfg.eval.latency_batch_sizes,
+    lat = latency.interleaved(variants, example, cfg.eval.latency_batch_sizes,
                               cfg.eval.latency_iters)
     for name in rows:
         rows[name].update(disk_bytes=sizes[name], size_ratio=sizes[name] / sizes["fp32"],
