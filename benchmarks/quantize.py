@@ -26,7 +26,7 @@ from common import emit, image_batch, lite0, minilm, token_batch
 from ftlab import onnx_export, quantize, runs
 from ftlab.data.batches import ArrayData, batches
 from ftlab.latency import interleaved
-from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots
+from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots, logits
 from ftlab.models.loading import LoadError
 from ftlab.app_schema import QuantizeConfig
 
@@ -102,8 +102,7 @@ def bench(label: str, model, parts, example, bs, args, tmp: Path) -> None:
     accs = {}
     if data is not None:
         for name, m in {"fp32": model, **ints}.items():
-            out, labels = (m.predict(data, bs) if isinstance(m, onnx_export.OnnxModel)
-                           else quantize.logits(m, data, bs))
+            out, labels = logits(m, data, bs)
             accs[name] = float((out.argmax(-1) == labels).mean())
         emit(f"quantize/{label}/fp32/accuracy", accs["fp32"], "accuracy", n=len(labels))
     lat = interleaved({"fp32": model, **ints}, example, (1, 32), args.repeats)

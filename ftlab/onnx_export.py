@@ -37,7 +37,7 @@ from flax import nnx
 
 from ftlab import peft
 from ftlab.data.batches import ArrayData, batches
-from ftlab.models.bert import BertClassifier
+from ftlab.models.bert import ACTS as BERT_ACTIVATIONS, BertClassifier
 from ftlab.models.efficientnet import EfficientNetLite, same_pad
 from ftlab.models.heads import ACTIVATIONS as HEAD_ACTIVATIONS, ClassifierHead
 from ftlab.models.loading import LoadError
@@ -93,10 +93,15 @@ class _Graph:
         return out
 
 
+def _arr(v) -> np.ndarray:
+    """A variable's value as a numpy array."""
+    return np.asarray(v[...])
+
+
 def _fold(bn, w_oihw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Conv weight and bias with the BatchNorm after it folded in (inference statistics)."""
-    scale = np.asarray(bn.scale[...]) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
-    bias = np.asarray(bn.bias[...]) - np.asarray(bn.mean[...]) * scale
+    scale = _arr(bn.scale) / np.sqrt(_arr(bn.var) + bn.epsilon)
+    bias = _arr(bn.bias) - _arr(bn.mean) * scale
     return w_oihw * scale[:, None, None, None], bias
 
 
@@ -118,14 +123,14 @@ class _Lite:
         return self.g.op("Clip", [x, self.g.const(np.float32(0)), self.g.const(np.float32(6))])
 
     def pointwise(self, x: str, path: str, layer, bn) -> str:
-        w, b = _fold(bn, np.asarray(layer.kernel[...]).T[:, :, None, None])
+        w, b = _fold(bn, _arr(layer.kernel).T[:, :, None, None])
         return self.conv(x, f"{path}/kernel", w, b)
 
     def block(self, x: str, i: int, blk) -> str:
         h = x
         if blk.expand is not None:
             h = self.relu6(self.pointwise(h, f"blocks/{i}/expand", blk.expand, blk.bn0))
-        k = np.asarray(blk.depthwise.kernel[...])  # (k, k, C)
+        k = _arr(blk.depthwise.kernel)  # (k, k, C)
         w, b = _fold(blk.bn1, k.transpose(2, 0, 1)[:, None])
         h = self.relu6(self.conv(h, f"blocks/{i}/depthwise/kernel", w, b,
                                  blk.depthwise.stride, group=k.shape[2]))
@@ -138,16 +143,12 @@ def _lite(g: _Graph, model: EfficientNetLite, example: dict) -> str:
     x = g.op("Div", [g.op("Sub", ["image", g.const(model.mean)]), g.const(model.std)])
     x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
     lite = _Lite(g, (height, width))
-    w, b = _fold(model.stem.bn, np.asarray(model.stem.conv.kernel[...]).transpose(3, 2, 0, 1))
+    w, b = _fold(model.stem.bn, _arr(model.stem.conv.kernel).transpose(3, 2, 0, 1))
     x = lite.relu6(lite.conv(x, "stem/conv/kernel", w, b, model.stem.conv.stride))
     for i, blk in enumerate(model.blocks):
         x = lite.block(x, i, blk)
     x = lite.relu6(lite.pointwise(x, "top/conv", model.top.conv, model.top.bn))
     return g.op("Flatten", [g.op("GlobalAveragePool", [x])])
-
-
-def _arr(v) -> np.ndarray:
-    return np.asarray(v[...])
 
 
 def _dense(g: _Graph, x: str, layer, path: str) -> str:
@@ -195,7 +196,7 @@ def _bert(g: _Graph, model: BertClassifier, example: dict) -> str:
         ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         ctx = g.op("Reshape", [ctx, g.ints([0, 0, c])])
         x = norm(g.op("Add", [x, dense(ctx, a.out, f"{p}/out/kernel")]), layer.attention_norm)
-        act = next(n for n, f in _bert_acts().items() if f is layer.act)
+        act = next(n for n, f in BERT_ACTIVATIONS.items() if f is layer.act)
         h = dense(x, layer.fc1, f"layers/{i}/fc1/kernel")
         h = g.op("Gelu", [h], **gelu[act]) if act in gelu else g.op("Relu", [h])
         x = norm(g.op("Add", [x, dense(h, layer.fc2, f"layers/{i}/fc2/kernel")]),
@@ -207,11 +208,6 @@ def _bert(g: _Graph, model: BertClassifier, example: dict) -> str:
     count = g.op("Max", [g.op("ReduceSum", [m, g.ints([1])], keepdims=0),
                          g.const(np.float32(1))])
     return g.op("Div", [total, count])
-
-
-def _bert_acts() -> dict:
-    from ftlab.models.bert import ACTS
-    return ACTS
 
 
 def graph(model, example: dict):

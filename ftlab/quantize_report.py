@@ -89,12 +89,16 @@ def check_skeleton(skeleton, model) -> None:
                                            "from the source's config.json")
 
 
+def logits(model, data: ArrayData, bs: int, limit=None, specs=None):
+    """(primary-task logits, labels) of an nnx model or an ONNX Runtime one."""
+    if isinstance(model, onnx_export.OnnxModel):
+        return model.predict(data, bs, limit)
+    return quantize.logits(model, data, bs, limit, specs)
+
+
 def accuracy(model, data: ArrayData, bs: int, limit, class_names, specs,
              ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    if isinstance(model, onnx_export.OnnxModel):
-        out, labels = model.predict(data, bs, limit)
-    else:
-        out, labels = quantize.logits(model, data, bs, limit, specs)
+    out, labels = logits(model, data, bs, limit, specs)
     ev = metrics.full(metrics.softmax(out), labels, class_names)
     row = {"accuracy": ev["metrics"]["accuracy"], "macro_f1": ev["metrics"]["macro_f1"],
            "recall": {c: m["recall"] for c, m in ev["per_class"].items()},
@@ -168,7 +172,8 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
               "rules": {k: vars(r) for k, r in q.rules.items()},
               "modes": rule_table(modes, param_paths(skeleton)), "weights": modes,
               **found, "qat_trained": sorted(paths), "table": rows,
-              "hlo_dots": {k: hlo_dots(variants[k], latency.tile(example, 1)) for k in ("fp32", "ptq")},
+              "hlo_dots": {k: hlo_dots(variants[k], latency.tile(example, 1))
+                           for k in ("fp32", "ptq")},
               "artifacts": {k: str(f) for k, f in files.items()}}
     if q.onnx:
         import onnxruntime
