@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from common import emit, image_batch, lite0, minilm, token_batch
 from ftlab import onnx_export, quantize, runs
-from ftlab.data.batches import ArrayData, batches
+from ftlab.data.batches import ArrayData
 from ftlab.latency import interleaved
 from ftlab.quantize_report import fp32_bytes, hardware, hlo_dots, logits
 from ftlab.models.loading import LoadError
@@ -57,11 +57,9 @@ def onnx_variants(model, parts, bs, rule_file: str, tmp: Path) -> dict:
     """The model exported to ONNX (fp32) and ONNX Runtime's int8 of it (Lite0: static,
     calibrated on 8 val batches; MiniLM: dynamic), as ftlab-quantize makes them with
     quantize.onnx=true."""
-    val = parts["val"]
-    calibration = list(batches(val, bs, np.arange(len(val)), limit=8))
-    fp32 = onnx_export.save(model, tmp / "fp32", {"class_names": []}, calibration[0])
-    int8 = onnx_export.quantize(fp32, tmp / "int8", calibration,
-                                quantize.plan(model, qconfig(rule_file)), {"class_names": []})
+    fp32, int8 = onnx_export.export_pair(model, quantize.plan(model, qconfig(rule_file)),
+                                         parts["val"], bs, 8, {"class_names": []},
+                                         tmp / "fp32", tmp / "int8")
     return {"onnx_fp32": onnx_export.load_onnx(fp32.parent),
             "onnx_int8": onnx_export.load_onnx(int8.parent)}
 

@@ -311,6 +311,16 @@ def quantize(fp32: Path, folder: Path, calibration: Iterable[dict], modes: dict[
     return path
 
 
+def export_pair(model, modes: dict[str, str], val: ArrayData, batch_size: int,
+                calibration_batches: int, meta: dict, fp32_dir: Path,
+                int8_dir: Path) -> tuple[Path, Path]:
+    """`save` then `quantize`, calibrated on the first `calibration_batches` batches of `val`
+    (the first batch also gives the input shapes): the fp32 and int8 model files."""
+    calibration = list(batches(val, batch_size, np.arange(len(val)), limit=calibration_batches))
+    fp32 = save(model, fp32_dir, meta, calibration[0])
+    return fp32, quantize(fp32, int8_dir, calibration, modes, meta)
+
+
 class _Drop(logging.Filter):
     """Drops log records whose message contains `text`."""
 

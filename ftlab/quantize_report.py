@@ -177,7 +177,7 @@ def run(app: QuantizeAppConfig) -> tuple[dict, Path]:
               "artifacts": {k: str(f) for k, f in files.items()}}
     if q.onnx:
         import onnxruntime
-        saved = json.loads((files["onnx_ptq"].parent / onnx_export.META_FILE).read_text())
+        saved = variants["onnx_ptq"].meta
         result.update(onnxruntime=onnxruntime.__version__, onnx_int8=saved["int8"],
                       onnx_fp32_nodes=saved["fp32_nodes"])
     out.mkdir(parents=True, exist_ok=True)
@@ -258,11 +258,10 @@ def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
         variants["qat"] = quantize.to_int8(trained, modes)
         files["qat"] = _save(variants["qat"], out / "qat", {**meta, "qat": history}, run_dir)
     if q.onnx:
-        calibration = list(batches(val, bs, np.arange(len(val)), limit=q.calibration_batches))
         info = {k: meta[k] for k in ("class_names", "run_dir", "checkpoint")}
-        files["onnx_fp32"] = onnx_export.save(model, out / "onnx_fp32", info, calibration[0])
-        files["onnx_ptq"] = onnx_export.quantize(files["onnx_fp32"], out / "onnx_ptq",
-                                                 calibration, modes, info)
+        files["onnx_fp32"], files["onnx_ptq"] = onnx_export.export_pair(
+            model, modes, val, bs, q.calibration_batches, info, out / "onnx_fp32",
+            out / "onnx_ptq")
         variants.update({k: onnx_export.load_onnx(files[k].parent)
                          for k in ("onnx_fp32", "onnx_ptq")})
     return variants, files, {"static_scales": scales, "sensitivity": sens, "qat": history}
@@ -275,9 +274,9 @@ def measure(cfg, variants: dict, files: dict, data) -> tuple[dict, dict]:
     test, bs = data.parts["test"], cfg.trainer.eval_batch_size
     rows, ref = {}, None
     for name, m in variants.items():
-        rows[name], logits = accuracy(m, test, bs, cfg.trainer.limit_eval_batches,
-                                      data.class_names, data.tasks, ref)
-        ref = logits if ref is None else ref
+        rows[name], out = accuracy(m, test, bs, cfg.trainer.limit_eval_batches,
+                                   data.class_names, data.tasks, ref)
+        ref = out if ref is None else ref
     sizes = {"fp32": fp32_bytes(variants["fp32"]),
              **{k: latency.disk_bytes(f) for k, f in files.items()}}
     example = next(batches(test, max(cfg.eval.latency_batch_sizes), np.arange(len(test))))
