@@ -1,14 +1,13 @@
 """The PyTorch reference for vs_torch.py: a BERT encoder of MiniLM-L6's size (HF BertModel
 layout: post-norm layers, GELU MLP, mean pooling) with a linear head, in eager mode.
 
-fp32, or bf16 via torch.autocast (CPU: bf16 matmuls on AMX, params in fp32), the usual
+fp32, or bf16 via torch.autocast (CPU: bf16 matmuls through oneDNN, params in fp32), the usual
 PyTorch mixed precision. Frozen params get requires_grad=False, so autograd prunes their
 backward like ftlab does.
 """
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -60,9 +59,9 @@ class MiniLM(nn.Module):
                                    self.training))
 
 
-def run(variant: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+def stepper(variant: str, dtype: str, batch: int, seq: int):
+    """One AdamW train step of `variant` (full, last2) as a callable, on a fixed batch."""
     torch.manual_seed(0)
-    torch.set_num_threads(torch.get_num_threads())
     model = MiniLM().train()
     if variant == "last2":
         for name, p in model.named_parameters():
@@ -72,15 +71,12 @@ def run(variant: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
     ids = torch.randint(1000, 30000, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
     labels = torch.randint(0, 5, (batch,))
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
+
+    def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = F.cross_entropy(model(ids, mask), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        times.append(time.perf_counter() - t)
-    return {"seconds_per_step": sorted(times[2:])[len(times[2:]) // 2],
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return step

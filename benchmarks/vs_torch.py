@@ -7,23 +7,63 @@ frozen embeddings and layers 0-3 run once per phase in eval mode, each step star
 (the frozen forward of one batch) is paid once per example per phase, so the `one_epoch`
 ratio charges it in full, as a one-epoch phase would.
 
-Each variant runs in its own process so peak memory (max RSS) is its own. The PyTorch model
+Throughput comes from one process per variant that runs a torch step and an ftlab step in
+turns (7 of each after 2 warm-up; medians), so a shared machine's drifting load falls on both
+alike: runs in separate processes minutes apart gave this ratio anywhere from 0.83 to 0.97.
+Peak memory (max RSS) comes from each framework alone in its own process. The PyTorch model
 is a plain BERT encoder written in benchmarks/torch_minilm.py (no transformers), random
 weights (speed does not depend on them). torch is a benchmark-only dependency:
-`pip install torch==2.13.0` (`make bench` does); without it, only ftlab runs.
+`pip install torch==2.13.0` (`make bench` does).
 
-Run: python benchmarks/vs_torch.py [--steps 5 --batch 32 --seq 128]
+`matmul_bound` says how far the goal is reachable at all: the step's matmul FLOPs (counted
+analytically below) at this machine's peak matmul rate (the faster of JAX and torch on a
+4096^3 matmul in that dtype, measured in the same run) give a floor no framework can beat;
+`value` is torch's s/step over that floor (the highest ratio possible if every non-matmul
+op -- softmax, LayerNorm, GELU, dropout, AdamW, the embedding scatter -- were free), and
+`mfu_torch` / `mfu_ftlab` the matmul FLOP utilisation each reached.
+
+Run: python benchmarks/vs_torch.py [--steps 7 --batch 32 --seq 128]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import time
 
 
 
-def ftlab_variant(variant: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+HIDDEN, MLP, LAYERS = 384, 1536, 6
+
+
+def matmul_flops(batch: int, seq: int) -> float:
+    """Matmul FLOPs of one full MiniLM-L6 fine-tuning step: per layer the Q/K/V/out and MLP
+    dense layers (2 * tokens * in * out each) and attention's two batched matmuls (2 * batch
+    * seq^2 * hidden each), three times over (forward; backward dx and dW)."""
+    tokens = batch * seq
+    layer = 2 * tokens * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * MLP) + 4 * batch * seq * seq * HIDDEN
+    return 3 * LAYERS * layer
+
+
+def peak_flops(framework: str, dtype: str, n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of an n^3 matmul in `framework` (bf16: bf16 operands, f32 accumulation)."""
+    if framework == "ftlab":
+        from precision import peak_flops as jax_peak
+        return jax_peak(dtype, n, repeats)
+    import torch
+    x = torch.rand(n, n, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def ftlab_stepper(variant: str, dtype: str, batch: int, seq: int, steps: int):
+    """ftlab's train step of `variant` as a callable on a fixed batch, and extras (the
+    cached variant's prefix_seconds: median of `steps` frozen-prefix passes)."""
     import jax
     from common import LAST2, ftlab_step, minilm, token_batch
     from ftlab.models.loading import param_paths
@@ -46,26 +86,50 @@ def ftlab_variant(variant: str, dtype: str, batch: int, seq: int, steps: int) ->
             t = time.perf_counter()
             hidden = jax.block_until_ready(prefix(model, data))
             ts.append(time.perf_counter() - t)
-        out["prefix_seconds"] = sorted(ts)[len(ts) // 2]
+        out["prefix_seconds"] = statistics.median(ts)
         data = {**data, "hidden": hidden}
     step, carry, rest = ftlab_step(model, paths, start)
-    key = jax.random.key(0)
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
-        *carry, m = step(*carry, rest, data, jax.random.fold_in(key, i))
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return {**out, "seconds_per_step": sorted(times[2:])[len(times[2:]) // 2]}
+    carry, key, calls = list(carry), jax.random.key(0), [0]
+
+    def one():
+        *carry[:], m = step(*carry, rest, data, jax.random.fold_in(key, calls[0]))
+        jax.block_until_ready((carry, m))
+        calls[0] += 1
+    return one, out
+
+
+def in_turns(steps: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median s/step of each name -> step callable, one step of each in turn."""
+    times = {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def child(args) -> None:
-    if args.framework == "ftlab":
-        out = ftlab_variant(args.variant, args.dtype, args.batch, args.seq, args.steps)
-    else:
-        from torch_minilm import run
-        out = run(args.variant, args.dtype, args.batch, args.seq, args.steps)
+    """One framework alone (its peak memory, its peak matmul rate for `full`), or `pair`:
+    torch's step and ftlab's timed in turns in one process, the ratio's source."""
+    steps = {}
+    if args.framework in ("torch", "pair"):
+        from torch_minilm import stepper
+        steps["torch"] = stepper(args.variant.removesuffix("_cached"), args.dtype, args.batch,
+                                 args.seq)
+    out = {}
+    if args.framework in ("ftlab", "pair"):
+        steps["ftlab"], out = ftlab_stepper(args.variant, args.dtype, args.batch, args.seq,
+                                            args.steps)
+    times = in_turns(steps, args.steps if args.framework == "pair" else 1)
+    if args.framework == "pair":
+        print("RESULT " + json.dumps({**out, "torch_seconds": times["torch"],
+                                      "ftlab_seconds": times["ftlab"]}), flush=True)
+        return
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.variant == "full":  # after the run, so the matmul does not count in its RSS
+        out["peak_flops"] = peak_flops(args.framework, args.dtype)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -82,42 +146,61 @@ def spawn(framework: str, variant: str, dtype: str, args) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--child", choices=("ftlab", "torch"))
+    ap.add_argument("--child", choices=("ftlab", "torch", "pair"))
     ap.add_argument("--variant", default="full")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     if args.child:
         args.framework = args.child
         return child(args)
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("vs_torch.py needs torch (benchmark-only): pip install torch==2.13.0")
     from common import emit
-    torch_runs = {}  # torch has no cached variant: last2_cached is compared with its last2
+    alone = {}  # (framework, variant, dtype) -> its own process: peak memory, peak matmul
     for variant in ("full", "last2", "last2_cached"):
-        base = variant.removesuffix("_cached")
+        base = variant.removesuffix("_cached")  # torch has no cached variant: its last2
         for dtype in args.dtypes.split(","):
             if variant == base:
-                torch_runs[base, dtype] = spawn("torch", variant, dtype, args)
-                emit_run("torch", variant, dtype, torch_runs[base, dtype], args)
-            t, f = torch_runs.get((base, dtype)), spawn("ftlab", variant, dtype, args)
-            emit_run("ftlab", variant, dtype, f, args)
-            if t and f:
-                extra = {"one_epoch": round(t["seconds_per_step"] / (
-                    f["seconds_per_step"] + f["prefix_seconds"]), 3)} if "prefix_seconds" in f else {}
-                emit(f"vs_torch/{variant}/{dtype}/throughput_ratio",
-                     t["seconds_per_step"] / f["seconds_per_step"], "x torch throughput",
-                     f"vs_torch/torch/{base}/{dtype}", goal=">= 1.2", **extra)
+                alone["torch", base, dtype] = spawn("torch", base, dtype, args)
+            alone["ftlab", variant, dtype] = spawn("ftlab", variant, dtype, args)
+            pair = spawn("pair", variant, dtype, args)
+            if pair is None:
+                continue
+            t, f = pair["torch_seconds"], pair["ftlab_seconds"]
+            if variant == base:
+                emit_run("torch", base, dtype, t, alone["torch", base, dtype], args)
+            emit_run("ftlab", variant, dtype, f, alone["ftlab", variant, dtype], args,
+                     **({"prefix_seconds": round(pair["prefix_seconds"], 4)}
+                        if "prefix_seconds" in pair else {}))
+            extra = {"one_epoch": round(t / (f + pair["prefix_seconds"]), 3)} \
+                if "prefix_seconds" in pair else {}
+            emit(f"vs_torch/{variant}/{dtype}/throughput_ratio", t / f, "x torch throughput",
+                 f"vs_torch/torch/{base}/{dtype}", goal=">= 1.2", timed="in turns, one process",
+                 **extra)
+            peaks = [r["peak_flops"] for r in (alone["torch", base, dtype],
+                                               alone["ftlab", variant, dtype])
+                     if r and "peak_flops" in r]
+            if variant == "full" and peaks:
+                flops, peak = matmul_flops(args.batch, args.seq), max(peaks)
+                floor = flops / peak
+                emit(f"vs_torch/full/{dtype}/matmul_bound", t / floor,
+                     "x torch throughput, at most", f"vs_torch/torch/full/{dtype}",
+                     gflop_per_step=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
+                     floor_seconds=round(floor, 4), mfu_torch=round(floor / t, 3),
+                     mfu_ftlab=round(floor / f, 3), mfu_needed=round(1.2 * floor / t, 3))
 
 
-def emit_run(framework: str, variant: str, dtype: str, r: dict | None, args) -> None:
+def emit_run(framework: str, variant: str, dtype: str, seconds: float, alone: dict | None,
+             args, **extra) -> None:
     from common import emit
-    if r:
-        extra = {"prefix_seconds": round(r["prefix_seconds"], 4)} if "prefix_seconds" in r else {}
-        emit(f"vs_torch/{framework}/{variant}/{dtype}", args.batch / r["seconds_per_step"],
-             "ex/s", None, peak_rss_mb=round(r["peak_rss_mb"]),
-             seconds_per_step=round(r["seconds_per_step"], 4), **extra)
+    emit(f"vs_torch/{framework}/{variant}/{dtype}", args.batch / seconds, "ex/s", None,
+         peak_rss_mb=round(alone["peak_rss_mb"]) if alone else None,
+         seconds_per_step=round(seconds, 4), **extra)
 
 
 if __name__ == "__main__":
