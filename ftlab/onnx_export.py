@@ -271,15 +271,29 @@ def quantize(fp32: Path, folder: Path, calibration: Iterable[dict], modes: dict[
     """ONNX Runtime's int8 of the graph saved at `fp32` (an image model: static, calibrated
     on the `calibration` batches; a transformer: dynamic); weights whose mode is fp32 keep
     their nodes in fp32. Writes `folder`."""
+    names = json.loads((fp32.parent / META_FILE).read_text())["inputs"]
+    excluded = sorted(p for p, m in modes.items() if m == "fp32" and p in node_names(fp32))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MODEL_FILE
+    method = _ort_int8(fp32, path, names, calibration, exclude=excluded)
+    (folder / META_FILE).write_text(json.dumps(
+        {"format": FORMAT, "int8": method, "inputs": names, "fp32_nodes": excluded, **meta},
+        indent=2))
+    return path
+
+
+def node_names(path: Path) -> set[str]:
     import onnx
+    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def _ort_int8(fp32: Path, path: Path, names, calibration: Iterable[dict], exclude=(),
+              only: list[str] | None = None, cache: Path | None = None) -> str:
+    """Write ONNX Runtime's int8 of `fp32` to `path` (`only`: just those nodes; `cache`: the
+    static ranges' file, computed on the first call and reused after); the method used."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
                                           QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
-    names = json.loads((fp32.parent / META_FILE).read_text())["inputs"]
-    nodes = {n.name for n in onnx.load(str(fp32)).graph.node}
-    excluded = sorted(p for p, m in modes.items() if m == "fp32" and p in nodes)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MODEL_FILE
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -293,22 +307,58 @@ def quantize(fp32: Path, folder: Path, calibration: Iterable[dict], modes: dict[
     logging.getLogger().addFilter(hint)  # BatchNorm or unknown shapes left; measured, no faster
     try:
         if "image" in names:
-            method = "static"
             quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                            calibrate_method=CalibrationMethod.MinMax)
-        else:
-            method = "dynamic"
-            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
-                             nodes_to_exclude=excluded)
+                            weight_type=QuantType.QInt8, nodes_to_quantize=only,
+                            nodes_to_exclude=list(exclude),
+                            calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=cache)
+            return "static"
+        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                         nodes_to_quantize=only, nodes_to_exclude=list(exclude))
+        return "dynamic"
     finally:
         logging.getLogger().removeFilter(hint)
-    (folder / META_FILE).write_text(json.dumps(
-        {"format": FORMAT, "int8": method, "inputs": names, "fp32_nodes": excluded, **meta},
-        indent=2))
-    return path
+
+
+def sensitivity(fp32: Path, calibration: list[dict], modes: dict[str, str], data: ArrayData,
+                batch_size: int, limit: int | None, class_names) -> dict:
+    """Per node that `quantize` makes int8 (named by its weight; `layers`, worst first), the
+    metrics on `data` with only that node int8 by ONNX Runtime: its method, and for a static
+    graph the ranges calibrated once on `calibration` (the int8 node's input activation is
+    quantized too, as in the full int8 graph). `baseline`: the fp32 graph's. The same rows
+    as `quantize.sensitivity`, for the runtime that will serve the model."""
+    import tempfile
+    from ftlab import metrics
+    meta = json.loads((fp32.parent / META_FILE).read_text())
+    nodes = node_names(fp32)
+    live = [p for p, m in modes.items() if m != "fp32" and p in nodes]
+    ref, labels = OnnxModel(fp32.parent).predict(data, batch_size, limit)
+    base = metrics.classification(ref, labels, class_names)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ftlab-onnx-sens-") as tmp:
+        folder, cache = Path(tmp) / "node", Path(tmp) / "ranges.json"
+        folder.mkdir()
+        (folder / META_FILE).write_text(json.dumps(meta))
+        for p in live:
+            _ort_int8(fp32, folder / MODEL_FILE, meta["inputs"], calibration, only=[p],
+                      cache=cache)
+            out, _ = OnnxModel(folder).predict(data, batch_size, limit)
+            got = metrics.classification(out, labels, class_names)
+            rows.append({"weight": p, "mode": modes[p], "accuracy": got["accuracy"],
+                         "macro_f1": got["macro_f1"],
+                         "accuracy_drop": base["accuracy"] - got["accuracy"],
+                         "macro_f1_drop": base["macro_f1"] - got["macro_f1"],
+                         "max_abs_logit_diff": float(np.abs(out - ref).max())})
+    return {"baseline": {k: base[k] for k in ("accuracy", "macro_f1")}, "n": len(labels),
+            "layers": sorted(rows, key=lambda r: (-r["accuracy_drop"],
+                                                  -r["max_abs_logit_diff"]))}
+
+
+def calibration_set(val: ArrayData, batch_size: int, n: int) -> list[dict]:
+    """The first `n` batches of `val`: static int8's calibration (and `save`'s example)."""
+    return list(batches(val, batch_size, np.arange(len(val)), limit=n))
 
 
 def export_pair(model, modes: dict[str, str], val: ArrayData, batch_size: int,
@@ -316,7 +366,7 @@ def export_pair(model, modes: dict[str, str], val: ArrayData, batch_size: int,
                 int8_dir: Path) -> tuple[Path, Path]:
     """`save` then `quantize`, calibrated on the first `calibration_batches` batches of `val`
     (the first batch also gives the input shapes): the fp32 and int8 model files."""
-    calibration = list(batches(val, batch_size, np.arange(len(val)), limit=calibration_batches))
+    calibration = calibration_set(val, batch_size, calibration_batches)
     fp32 = save(model, fp32_dir, meta, calibration[0])
     return fp32, quantize(fp32, int8_dir, calibration, modes, meta)
 

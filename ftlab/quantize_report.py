@@ -235,8 +235,8 @@ def headline(result: dict) -> dict:
 def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
                   run_dir: Path) -> tuple[dict, dict, dict]:
     """(name -> model: fp32, ptq and, with q.qat.epochs, qat; name -> artifact file;
-    {static_scales, sensitivity, qat history}). Saves each int8 artifact."""
-    static, val = q.activations == "static", data.parts["val"]
+    {static_scales, sensitivity, onnx_sensitivity, qat history}). Saves each int8 artifact."""
+    static, val, onnx_sens = q.activations == "static", data.parts["val"], None
     bs = cfg.trainer.eval_batch_size
     fake = quantize.fake_quantized(model, modes, static)
     scales = quantize.calibrate(fake, val, bs, q.calibration_batches) if static else {}
@@ -264,7 +264,14 @@ def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
             out / "onnx_ptq")
         variants.update({k: onnx_export.load_onnx(files[k].parent)
                          for k in ("onnx_fp32", "onnx_ptq")})
-    return variants, files, {"static_scales": scales, "sensitivity": sens, "qat": history}
+        if q.sensitivity:
+            onnx_sens = onnx_export.sensitivity(
+                files["onnx_fp32"], onnx_export.calibration_set(val, bs, q.calibration_batches),
+                modes, val, bs, q.sensitivity_batches, data.class_names)
+            log.info("most sensitive in ONNX Runtime (val accuracy drop): %s", [
+                (r["weight"], round(r["accuracy_drop"], 4)) for r in onnx_sens["layers"][:3]])
+    return variants, files, {"static_scales": scales, "sensitivity": sens,
+                             "onnx_sensitivity": onnx_sens, "qat": history}
 
 
 def measure(cfg, variants: dict, files: dict, data) -> tuple[dict, dict]:
@@ -339,23 +346,13 @@ def render(result: dict, names: list[str]) -> list[str]:
              "**Compiled dots** (forward pass, batch 1; `s32` = int8 x int8 -> int32): " +
              "; ".join(f"{k}: {', '.join(f'{n} {t}' for t, n in v.items())}"
                        for k, v in result["hlo_dots"].items()), ""]
-    sens = result.get("sensitivity")
-    if sens:
-        base, layers = sens["baseline"], sens["layers"]
-        worst = [r["weight"] for r in layers[:3] if r["accuracy_drop"] > 0]
-        lines += ["## Per-layer sensitivity", "",
-                  f"Val split (n={sens['n']}), only that layer int8 (simulated by fake-quant, "
-                  f"which matches the int8 model to ~1e-6); fp32: accuracy "
-                  f"{fmt(base['accuracy'])}, macro-F1 {fmt(base['macro_f1'])}.", "",
-                  *table(["weight", "mode", "accuracy", "accuracy drop", "macro-F1 drop",
-                          "max abs logit diff"],
-                         [[cell(r["weight"]), r["mode"], r["accuracy"], r["accuracy_drop"],
-                           r["macro_f1_drop"], r["max_abs_logit_diff"]] for r in layers])]
-        if worst:
-            alt = "|".join(re.escape(w) for w in worst)
-            lines += ["To keep the worst in fp32, add this rule to a copy of "
-                      "`conf/quantize/default.yaml` and pass `quantize=<its name>`: "
-                      f"`keep: {{pattern: \"{alt}\", mode: fp32}}`", ""]
+    lines += sensitivity_section(
+        result.get("sensitivity"), "Per-layer sensitivity", "only that layer int8 (simulated "
+        "by fake-quant, which matches the int8 model to ~1e-6)")
+    lines += sensitivity_section(
+        result.get("onnx_sensitivity"), "Per-node sensitivity in ONNX Runtime",
+        "only that node int8 by ONNX Runtime (its weights, and for static int8 its input "
+        "activation with the calibrated range), the rest of the graph fp32")
     if result.get("qat"):
         lines += ["## QAT", "", f"Trained {len(result['qat_trained'])} tensors; "
                   + "; ".join(f"epoch {h['epoch']}: loss {fmt(h.get('train/loss'))}, "
@@ -365,6 +362,27 @@ def render(result: dict, names: list[str]) -> list[str]:
     lines += ["## Artifacts", "", *(f"- `{k}`: `{v}` — `ftlab.{loader[k.startswith('onnx')]}"
                                     f"(\"{Path(v).parent}\")`"
                                     for k, v in result["artifacts"].items()), ""]
+    return lines
+
+
+def sensitivity_section(sens: dict | None, title: str, how: str) -> list[str]:
+    """A sensitivity table (worst first) and the fp32 rule that would keep its worst."""
+    if not sens:
+        return []
+    base, layers = sens["baseline"], sens["layers"]
+    worst = [r["weight"] for r in layers[:3] if r["accuracy_drop"] > 0]
+    lines = [f"## {title}", "",
+             f"Val split (n={sens['n']}), {how}; fp32: accuracy {fmt(base['accuracy'])}, "
+             f"macro-F1 {fmt(base['macro_f1'])}.", "",
+             *table(["weight", "mode", "accuracy", "accuracy drop", "macro-F1 drop",
+                     "max abs logit diff"],
+                    [[cell(r["weight"]), r["mode"], r["accuracy"], r["accuracy_drop"],
+                      r["macro_f1_drop"], r["max_abs_logit_diff"]] for r in layers])]
+    if worst:
+        alt = "|".join(re.escape(w) for w in worst)
+        lines += ["To keep the worst in fp32, add this rule to a copy of "
+                  "`conf/quantize/default.yaml` and pass `quantize=<its name>`: "
+                  f"`keep: {{pattern: \"{alt}\", mode: fp32}}`", ""]
     return lines
 
 

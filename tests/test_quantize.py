@@ -328,6 +328,36 @@ def test_onnx_graph_matches_the_model_and_its_int8_keeps_excluded_nodes_fp32(tmp
                                       weight_only=True))
 
 
+@pytest.mark.parametrize("make,data", [(_tiny_bert, TOKENS), (_tiny_lite, IMAGES)],
+                         ids=["bert", "efficientnet"])
+def test_onnx_sensitivity_quantizes_one_node_at_a_time(tmp_path, make, data):
+    import onnx
+    from ftlab import metrics, onnx_export
+    model, names = make(), ["a", "b", "c"][:2 if make is _tiny_lite else 3]
+    arrays = {k: v for k, v in data.arrays.items() if k != "label"}
+    fp32 = onnx_export.save(model, tmp_path / "f", {"class_names": names}, arrays)
+    modes = quantize.plan(model, _cfg(all=(".*", "w8a8"), keep=("head/.*", "fp32")))
+    live = {p for p, m in modes.items() if m != "fp32"} & onnx_export.node_names(fp32)
+    assert len(live) > 3
+    one = sorted(live)[1]
+    onnx_export._ort_int8(fp32, tmp_path / "one.onnx", ["image"] if make is _tiny_lite else
+                          ["input_ids", "attention_mask"], [arrays], only=[one])
+    inits = {i.name for i in onnx.load(str(tmp_path / "one.onnx")).graph.initializer
+             if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+             and i.name.endswith("_quantized")}
+    assert inits == {one + "_quantized"}  # only that node's weight is int8
+    sens = onnx_export.sensitivity(fp32, [arrays], modes, data, 8, None, names)
+    ref, labels = onnx_export.load_onnx(tmp_path / "f").predict(data, 8)
+    assert sens["baseline"]["accuracy"] == metrics.classification(ref, labels, names)[
+        "accuracy"] and sens["n"] == len(labels)
+    assert {r["weight"] for r in sens["layers"]} == live
+    for r in sens["layers"]:
+        assert 0 < r["max_abs_logit_diff"] <= TOL * np.abs(ref).max()
+        assert r["accuracy_drop"] == pytest.approx(sens["baseline"]["accuracy"] - r["accuracy"])
+    drops = [(r["accuracy_drop"], r["max_abs_logit_diff"]) for r in sens["layers"]]
+    assert drops == sorted(drops, key=lambda d: (-d[0], -d[1]))  # worst first
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_bert_onnx_graph_matches_and_its_dynamic_int8_agrees(tmp_path, pooling):
     import onnx
@@ -359,17 +389,23 @@ def test_a_vision_run_quantized_with_onnx_runtime_reports_and_saves_it(tmp_path)
     from ftlab.train import run
     run(compose_cfg("experiment=elpv_tiny", "debug=smoke", "dataset.image_size=16",
                     "logger.mode=disabled", "eval.baselines=false", "eval.plots=false",
-                    "eval.latency=false", "quantize=elpv_defect", "quantize.sensitivity=false",
-                    "quantize.qat.epochs=0", "quantize.calibration_batches=2"), tmp_path)
+                    "eval.latency=false", "quantize=elpv_defect", "quantize.qat.epochs=0",
+                    "quantize.calibration_batches=2", "quantize.sensitivity_batches=1"),
+        tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())
     result = json.loads((tmp_path / "quantize" / "quantize.json").read_text())
     assert set(result["table"]) == {"fp32", "ptq", "onnx_fp32", "onnx_ptq"}
     assert result["table"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4  # the same model
     assert res["quantize/onnx_ptq/size_ratio"] < 1  # tiny: scales weigh (Lite0: 0.27)
     assert res["quantize/onnx_ptq/latency_b32_ratio_onnx_fp32"] > 0
-    assert result["onnx_fp32_nodes"] == ["blocks/0/depthwise/kernel",
-                                         "blocks/1/depthwise/kernel", "stem/conv/kernel"]
+    assert result["onnx_fp32_nodes"] == sorted(  # the rules' fp32: stem, blocks 0-1
+        p for p, m in result["weights"].items() if m == "fp32") and \
+        "stem/conv/kernel" in result["onnx_fp32_nodes"] and any(
+            p.startswith("blocks/1/") for p in result["onnx_fp32_nodes"])
     loaded = onnx_export.load_onnx(result["artifacts"]["onnx_ptq"].rsplit("/", 1)[0])
     images = RNG.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
     assert loaded.logits({"image": images}).shape == (3, 2)
-    assert "ONNX Runtime" in (tmp_path / "quantize" / "report.md").read_text()
+    report = (tmp_path / "quantize" / "report.md").read_text()
+    assert "ONNX Runtime" in report and "## Per-node sensitivity in ONNX Runtime" in report
+    assert {r["weight"] for r in result["onnx_sensitivity"]["layers"]} == {
+        p for p, m in result["weights"].items() if m != "fp32"}  # each int8 node, alone
