@@ -10,8 +10,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MACHINES = {
-    "cpu": "2-core x86-64 CPU (AVX-512, AMX-bf16), 24 GB; jax/jaxlib 0.10.2, flax 0.12.8, "
-           "torch 2.13.0+cpu",
+    "cpu": "2-core AMD EPYC (Zen 4: AVX-512 with VNNI and BF16, no AMX), 24 GB, shared; "
+           "jax/jaxlib 0.10.2, flax 0.12.8, torch 2.13.0+cpu, onnxruntime 1.32.0",
     "h100": "one NVIDIA H100 80GB HBM3 (driver 580.159.04); jax 0.11.2 (CUDA 13), flax 0.12.10",
 }
 
@@ -22,21 +22,29 @@ NOTES = """## Reading these numbers
   time / the peak matmul rate measured in the same run (a 4096³ matmul in that dtype; on the
   H100 jax's default precision runs fp32 dots as TF32). The 2-core CPU is shared and its
   speed moves by ±20% between runs; compare ratios within a table, not across tables.
-- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM on this CPU is
-  0.65-0.8x PyTorch eager. Not the matmul library: torch's own fp32 square matmul runs at
-  ~180 GFLOP/s here, like XLA's. A profile of ftlab's bf16 full step puts its dots at 1.1 of
-  2.05 s (250 GFLOP/s on average: the 4096x384x384 projections at 150-185, the MLP's at
-  210-350, attention's batched 128x32 products at 45-60) and elementwise fusions at ~0.9 s.
-  XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`): only
-  oneDNN dot fusion gains (6-13% on full fp32, three runs); it is slower on bf16 and Lite0
-  and crashes XLA ("partition compile failed") on the last-2 step, so ftlab does not set it.
-  Tried without gain: bf16 attention products (2x in isolation, none in the step), one
-  fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
-  (bit-identical masks; the bits 38 -> 3.3 ms in isolation, the step unchanged: XLA
-  computes them while the dots run, as they depend on no activation). Isolated, XLA's bf16
-  dots of these shapes run at 260-400 GFLOP/s, torch's at 420-440; fp32 both ~190-200.
-  Last-2 as ftlab trains it (frozen prefix cached, the default) is 1.5-1.7x torch in steady
-  state, 1.05-1.13x even when a one-epoch phase pays the prefix pass; without the cache 1.1x.
+- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM is 0.8x
+  PyTorch eager in fp32 and 0.7x in bf16 (0.65-0.8x on the Intel CPU with AMX before). The
+  "matmul bound" lines under that table say why 1.2x is out of reach on this CPU: the
+  step's 275 GFLOP of matmuls take 1.45 s at the machine's peak fp32 matmul rate; torch's
+  whole step already runs at ~0.6 of that peak, so 1.2x torch would need ~0.75 of peak for
+  the whole step, softmax, LayerNorm, GELU, dropout, AdamW and the 30522-row embedding
+  gradient included (ftlab: ~0.5). The ratios come from torch's and ftlab's steps timed in
+  turns in one process; timed in separate processes minutes apart the same ratio read
+  anywhere from 0.83 to 0.97 on this shared machine. Where ftlab's step loses (a profile of
+  the fp32 step, this CPU): its dense-layer dots run at peak (1.6 s of 2.6 s, ~175
+  GFLOP/s), attention's batched 128x32 products at 40-50 GFLOP/s (torch's 75-95; XLA's
+  oneDNN option reaches ~100 in isolation but crashes XLA on the last-2 step, below), and
+  elementwise fusions take ~0.9 s of thread time. In bf16, XLA's weight-gradient dots
+  (contracting over the 4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation,
+  whatever the operand layout; split into chunks, slower still; torch 375), while those
+  contracting over 384 or 1536 reach 360-400.
+  XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
+  Tried without gain before: bf16 attention products (2x in isolation, none in the step),
+  one fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
+  (the bits 38 -> 3.3 ms in isolation, the step unchanged: XLA computes them while the
+  dots run, as they depend on no activation). Last-2 as ftlab trains it (frozen prefix
+  cached, the default) is 1.5-1.7x torch in steady state, 1.0-1.1x even when a one-epoch
+  phase pays the prefix pass; without the cache 1.1x.
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
   trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
   `<set>_vs_bare` times it and ftlab's step in turns, one step each (goal: no worse, <= 1).
@@ -49,8 +57,8 @@ NOTES = """## Reading these numbers
   checkpoint written at the halt.
 - Depthwise convs: autodiff of shifted views reduces over batch and space once per kernel
   tap, and XLA's CPU loops do such reductions (channels kept, the minor axis) slowly; the
-  hand-written gradient does all taps in one reduction per example. Per layer that is up to
-  7x; a full Lite0 step gains less because its 1x1-conv gradients and BatchNorm (transposed
+  hand-written gradient does all taps in one reduction per example. Per layer that is
+  1.5-12x; a full Lite0 step gains less because its 1x1-conv gradients and BatchNorm (transposed
   copies, reductions of the same kind) now take most of it.
 """
 
@@ -102,6 +110,16 @@ def section(machine: str, r: dict[str, dict]) -> str:
                      "the default): the frozen prefix runs once per phase, not every step; "
                      "its ratio is the steady state, the 1-epoch column also charges that "
                      "prefix pass in full (torch: the same last-2 run).")
+        for dtype in ("float32", "bfloat16"):
+            b = r.get(f"vs_torch/full/{dtype}/matmul_bound")
+            if b:
+                parts.append(
+                    f"Matmul bound, full {dtype}: {fmt(b['gflop_per_step'], 1)} GFLOP of matmuls "
+                    f"per step at this machine's peak ({fmt(b['peak_gflops'], 0)} GFLOP/s) "
+                    f"take {fmt(b['floor_seconds'], 2)} s; torch runs at {fmt(b['mfu_torch'], 2)} "
+                    f"of that peak, ftlab at {fmt(b['mfu_ftlab'], 2)}; 1.2x torch needs "
+                    f"{fmt(b['mfu_needed'], 2)}, and even with every non-matmul op free a step "
+                    f"could be at most {fmt(b['value'], 2)}x torch's throughput.")
     prec = sorted({k.split("/")[1] for k in r if k.startswith("precision/") and
                    k.endswith("/speedup")})
     if prec:
