@@ -52,8 +52,10 @@ def main() -> None:
     cached = time_steps(*ftlab_step(model, sets["head_only"], HEAD_STAGE),
                         {**batch, "hidden": feats})
     epoch_plain = times["head_only"] * args.batches
+    emit("freeze_vision/head_epoch", epoch_plain, "s per head-only epoch, uncached", None,
+         batches=args.batches)
     emit("freeze_vision/head_epoch_cached", cached * args.batches / epoch_plain,
-         "x uncached head-only epoch", "head-only epoch without cache",
+         "x uncached head-only epoch", "freeze_vision/head_epoch",
          epoch_after_first_s=round(cached * args.batches, 4),
          first_epoch_ratio=round((cache_build + cached) * args.batches / epoch_plain, 4))
 
