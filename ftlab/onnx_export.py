@@ -43,6 +43,7 @@ from ftlab.models.bert import ACTS as BERT_ACTIVATIONS, BertClassifier
 from ftlab.models.efficientnet import EfficientNetLite, same_pad
 from ftlab.models.heads import ACTIVATIONS as HEAD_ACTIVATIONS, ClassifierHead
 from ftlab.models.loading import LoadError
+from ftlab.quantize import ranked, sensitivity_row
 from ftlab.schema import ConfigError
 from ftlab.step import set_modes
 
@@ -345,15 +346,8 @@ def sensitivity(fp32: Path, calibration: list[dict], modes: dict[str, str], data
             _ort_int8(fp32, folder / MODEL_FILE, meta["inputs"], calibration, only=[p],
                       cache=cache)
             out, _ = OnnxModel(folder).predict(data, batch_size, limit)
-            got = metrics.classification(out, labels, class_names)
-            rows.append({"weight": p, "mode": modes[p], "accuracy": got["accuracy"],
-                         "macro_f1": got["macro_f1"],
-                         "accuracy_drop": base["accuracy"] - got["accuracy"],
-                         "macro_f1_drop": base["macro_f1"] - got["macro_f1"],
-                         "max_abs_logit_diff": float(np.abs(out - ref).max())})
-    return {"baseline": {k: base[k] for k in ("accuracy", "macro_f1")}, "n": len(labels),
-            "layers": sorted(rows, key=lambda r: (-r["accuracy_drop"],
-                                                  -r["max_abs_logit_diff"]))}
+            rows.append(sensitivity_row(p, modes[p], base, out, ref, labels, class_names))
+    return ranked(base, len(labels), rows)
 
 
 def calibration_set(val: ArrayData, batch_size: int, n: int) -> list[dict]:

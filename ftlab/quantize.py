@@ -217,15 +217,25 @@ def sensitivity(model: nnx.Module, reference: nnx.Module, modes: dict[str, str],
         _switch(weights, fp32, p, True)
         out, _ = logits(model, data, batch_size, limit, specs, eval_fn)
         _switch(weights, fp32, p, False)
-        got = metrics.classification(out, labels, class_names)
-        rows.append({"weight": p, "mode": modes[p], "accuracy": got["accuracy"],
-                     "macro_f1": got["macro_f1"],
-                     "accuracy_drop": base["accuracy"] - got["accuracy"],
-                     "macro_f1_drop": base["macro_f1"] - got["macro_f1"],
-                     "max_abs_logit_diff": float(np.abs(out - ref).max())})
+        rows.append(sensitivity_row(p, modes[p], base, out, ref, labels, class_names))
     for p in live:
         _switch(weights, fp32, p, True)
-    return {"baseline": {k: base[k] for k in ("accuracy", "macro_f1")}, "n": len(labels),
+    return ranked(base, len(labels), rows)
+
+
+def sensitivity_row(weight: str, mode: str, base: dict, out, ref, labels, class_names) -> dict:
+    """One layer's row: its metrics (`out`: logits with only it int8) next to `base`'s (the
+    fp32 metrics; `ref` their logits)."""
+    got = metrics.classification(out, labels, class_names)
+    return {"weight": weight, "mode": mode, "accuracy": got["accuracy"],
+            "macro_f1": got["macro_f1"], "accuracy_drop": base["accuracy"] - got["accuracy"],
+            "macro_f1_drop": base["macro_f1"] - got["macro_f1"],
+            "max_abs_logit_diff": float(np.abs(out - ref).max())}
+
+
+def ranked(base: dict, n: int, rows: list[dict]) -> dict:
+    """A sensitivity result: the fp32 baseline and the rows, worst first."""
+    return {"baseline": {k: base[k] for k in ("accuracy", "macro_f1")}, "n": n,
             "layers": sorted(rows, key=lambda r: (-r["accuracy_drop"],
                                                   -r["max_abs_logit_diff"]))}
 
