@@ -57,9 +57,10 @@ def onnx_variants(model, parts, bs, rule_file: str, tmp: Path) -> dict:
     """The model exported to ONNX (fp32) and ONNX Runtime's int8 of it (Lite0: static,
     calibrated on 8 val batches; MiniLM: dynamic), as ftlab-quantize makes them with
     quantize.onnx=true."""
-    fp32, int8 = onnx_export.export_pair(model, quantize.plan(model, qconfig(rule_file)),
-                                         parts["val"], bs, 8, {"class_names": []},
-                                         tmp / "fp32", tmp / "int8")
+    fp32, int8 = onnx_export.export_pair(
+        model, quantize.plan(model, qconfig(rule_file)),
+        onnx_export.calibration_set(parts["val"], bs, 8), {"class_names": []}, tmp / "fp32",
+        tmp / "int8")
     return {"onnx_fp32": onnx_export.load_onnx(fp32.parent),
             "onnx_int8": onnx_export.load_onnx(int8.parent)}
 

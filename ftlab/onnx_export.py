@@ -355,12 +355,10 @@ def calibration_set(val: ArrayData, batch_size: int, n: int) -> list[dict]:
     return list(batches(val, batch_size, np.arange(len(val)), limit=n))
 
 
-def export_pair(model, modes: dict[str, str], val: ArrayData, batch_size: int,
-                calibration_batches: int, meta: dict, fp32_dir: Path,
-                int8_dir: Path) -> tuple[Path, Path]:
-    """`save` then `quantize`, calibrated on the first `calibration_batches` batches of `val`
-    (the first batch also gives the input shapes): the fp32 and int8 model files."""
-    calibration = calibration_set(val, batch_size, calibration_batches)
+def export_pair(model, modes: dict[str, str], calibration: list[dict], meta: dict,
+                fp32_dir: Path, int8_dir: Path) -> tuple[Path, Path]:
+    """`save` then `quantize`, calibrated on the `calibration` batches (`calibration_set`; the
+    first also gives the input shapes): the fp32 and int8 model files."""
     fp32 = save(model, fp32_dir, meta, calibration[0])
     return fp32, quantize(fp32, int8_dir, calibration, modes, meta)
 

@@ -259,15 +259,14 @@ def quantize_both(cfg, q, model, modes, paths, data, meta: dict, out: Path,
         files["qat"] = _save(variants["qat"], out / "qat", {**meta, "qat": history}, run_dir)
     if q.onnx:
         info = {k: meta[k] for k in ("class_names", "run_dir", "checkpoint")}
+        calibration = onnx_export.calibration_set(val, bs, q.calibration_batches)
         files["onnx_fp32"], files["onnx_ptq"] = onnx_export.export_pair(
-            model, modes, val, bs, q.calibration_batches, info, out / "onnx_fp32",
-            out / "onnx_ptq")
+            model, modes, calibration, info, out / "onnx_fp32", out / "onnx_ptq")
         variants.update({k: onnx_export.load_onnx(files[k].parent)
                          for k in ("onnx_fp32", "onnx_ptq")})
         if q.sensitivity:
-            onnx_sens = onnx_export.sensitivity(
-                files["onnx_fp32"], onnx_export.calibration_set(val, bs, q.calibration_batches),
-                modes, val, bs, q.sensitivity_batches, data.class_names)
+            onnx_sens = onnx_export.sensitivity(files["onnx_fp32"], calibration, modes, val, bs,
+                                                q.sensitivity_batches, data.class_names)
             log.info("most sensitive in ONNX Runtime (val accuracy drop): %s", [
                 (r["weight"], round(r["accuracy_drop"], 4)) for r in onnx_sens["layers"][:3]])
     return variants, files, {"static_scales": scales, "sensitivity": sens,
