@@ -83,12 +83,28 @@ def time_steps(step_fn, carry: tuple, rest, batch, warmup: int = 2, repeats: int
 def interleaved(steps: dict, batch, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
     """Median s/step of each name -> (step_fn, carry list, rest), one step of each in turn
     (so a drifting CPU load falls on all alike); each carry is updated in place."""
-    key, times = jax.random.key(0), {k: [] for k in steps}
+    return in_turns({k: step_call(*v, batch) for k, v in steps.items()}, repeats, warmup)
+
+
+def step_call(fn, carry: list, rest, batch):
+    """A train step as a callable of the turn `i` (its dropout key), updating `carry` in place
+    and waiting for the result."""
+    key = jax.random.key(0)
+
+    def one(i: int) -> None:
+        *carry[:], m = fn(*carry, rest, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready((carry, m))
+    return one
+
+
+def in_turns(calls: dict, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each name -> callable of the turn index (which returns when its
+    work is done), one call of each in turn."""
+    times = {k: [] for k in calls}
     for i in range(warmup + repeats):
-        for name, (fn, carry, rest) in steps.items():
+        for name, fn in calls.items():
             t0 = time.perf_counter()
-            *carry[:], m = fn(*carry, rest, batch, jax.random.fold_in(key, i))
-            jax.block_until_ready((carry, m))
+            fn(i)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

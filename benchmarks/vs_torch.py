@@ -65,7 +65,7 @@ def ftlab_stepper(variant: str, dtype: str, batch: int, seq: int, steps: int):
     """ftlab's train step of `variant` as a callable on a fixed batch, and extras (the
     cached variant's prefix_seconds: median of `steps` frozen-prefix passes)."""
     import jax
-    from common import LAST2, ftlab_step, minilm, token_batch
+    from common import LAST2, ftlab_step, minilm, step_call, token_batch
     from ftlab.models.loading import param_paths
     from flax import nnx
     from ftlab.models.precision import set_compute_dtype
@@ -89,40 +89,22 @@ def ftlab_stepper(variant: str, dtype: str, batch: int, seq: int, steps: int):
         out["prefix_seconds"] = statistics.median(ts)
         data = {**data, "hidden": hidden}
     step, carry, rest = ftlab_step(model, paths, start)
-    carry, key, calls = list(carry), jax.random.key(0), [0]
-
-    def one():
-        *carry[:], m = step(*carry, rest, data, jax.random.fold_in(key, calls[0]))
-        jax.block_until_ready((carry, m))
-        calls[0] += 1
-    return one, out
-
-
-def in_turns(steps: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median s/step of each name -> step callable, one step of each in turn."""
-    times = {k: [] for k in steps}
-    for i in range(warmup + repeats):
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return step_call(step, list(carry), rest, data), out
 
 
 def child(args) -> None:
     """One framework alone (its peak memory, its peak matmul rate for `full`), or `pair`:
     torch's step and ftlab's timed in turns in one process, the ratio's source."""
-    steps = {}
+    from common import in_turns
+    steps, out, repeats = {}, {}, args.steps if args.framework == "pair" else 1
     if args.framework in ("torch", "pair"):
         from torch_minilm import stepper
-        steps["torch"] = stepper(args.variant.removesuffix("_cached"), args.dtype, args.batch,
-                                 args.seq)
-    out = {}
+        step = stepper(args.variant.removesuffix("_cached"), args.dtype, args.batch, args.seq)
+        steps["torch"] = lambda i: step()
     if args.framework in ("ftlab", "pair"):
         steps["ftlab"], out = ftlab_stepper(args.variant, args.dtype, args.batch, args.seq,
-                                            args.steps)
-    times = in_turns(steps, args.steps if args.framework == "pair" else 1)
+                                            repeats)
+    times = in_turns(steps, repeats)
     if args.framework == "pair":
         print("RESULT " + json.dumps({**out, "torch_seconds": times["torch"],
                                       "ftlab_seconds": times["ftlab"]}), flush=True)
