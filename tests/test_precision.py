@@ -1,4 +1,4 @@
-"""bf16 compute (model.compute_dtype) and the cheaper dropout: same model, same math within
+"""bf16 compute (model.compute_dtype) the cheaper dropout and GELU: same model, same math within
 bf16 tolerance, params kept in f32, and the bf16 matmuls really in the compiled program."""
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ from flax import nnx
 from conftest import compose_cfg
 from ftlab.models import bert, efficientnet
 from ftlab.models.dropout import Dropout
+from ftlab.models.gelu import gelu
 from ftlab.models.precision import set_compute_dtype
 from ftlab.schema import ConfigError
 from ftlab.train import build_model
@@ -67,3 +68,18 @@ def test_dropout_rate_scale_determinism_and_gradient():
     g = jax.grad(lambda v: d(v, rngs=jax.random.key(3)).sum())(x)
     assert bool(((g > 0) == (y > 0)).all())
     assert bool((Dropout(0.1, deterministic=True)(x) == x).all())
+
+
+def test_gelu_matches_exact_gelu_and_its_gradient_keeps_only_the_input():
+    x = jnp.asarray(np.concatenate([np.linspace(-12, 12, 4001), RNG.standard_normal(4000) * 3]),
+                    jnp.float32)
+    ref = lambda v: jax.nn.gelu(v, approximate=False)
+    np.testing.assert_allclose(gelu(x), ref(x), atol=2e-6, rtol=2e-6)
+    g = jnp.asarray(RNG.standard_normal(x.shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda v: (f(v) * g).sum())(x)
+    np.testing.assert_allclose(grad(gelu), grad(ref), atol=4e-6, rtol=4e-6)
+    # The hand-written backward: what autodiff saves for it is the input alone.
+    _, residuals = jax.vjp(gelu, x)
+    saved = [a for a in jax.tree.leaves(residuals) if getattr(a, "shape", ()) == x.shape]
+    assert len(saved) == 1 and bool((saved[0] == x).all())
+    assert bert.ACTS["gelu"] is gelu

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftlab.models.dropout import Dropout
+from ftlab.models.gelu import gelu
 from ftlab.models.heads import ClassifierHead
 
 
@@ -39,7 +40,7 @@ VARIANTS = {
     "tiny": BertSize(vocab_size=64, hidden=32, layers=2, heads=2, mlp=64, max_positions=128),
 }
 
-ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+ACTS = {"gelu": gelu,
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
         "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
 
