@@ -29,11 +29,13 @@ def emit(name: str, value: float, unit: str, ratio_to: str | None = None, **extr
                       "ratio_to": ratio_to, **extra}), flush=True)
 
 
-def child_result(script: str, args: list[str]) -> tuple[dict | None, str]:
-    """Run `python <script> <args>` (a benchmark's child: one measurement in a fresh process)
-    and read its `RESULT {json}` line: (that dict, "") or (None, its last stderr line)."""
+def child_result(script: str, args: list[str], env: dict | None = None
+                 ) -> tuple[dict | None, str]:
+    """Run `python <script> <args>` (a benchmark's child: one measurement in a fresh process;
+    `env`: its environment, default this one's) and read its `RESULT {json}` line: (that
+    dict, "") or (None, its last stderr line)."""
     p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                       cwd=Path(script).resolve().parent)
+                       cwd=Path(script).resolve().parent, env=env)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT ")), ""
@@ -80,10 +82,12 @@ def time_steps(step_fn, carry: tuple, rest, batch, warmup: int = 2, repeats: int
     return interleaved({"step": (step_fn, list(carry), rest)}, batch, repeats, warmup)["step"]
 
 
-def interleaved(steps: dict, batch, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
-    """Median s/step of each name -> (step_fn, carry list, rest), one step of each in turn
-    (so a drifting CPU load falls on all alike); each carry is updated in place."""
-    return in_turns({k: step_call(*v, batch) for k, v in steps.items()}, repeats, warmup)
+def interleaved(steps: dict, batch, repeats: int = 5, warmup: int = 2,
+                block: int = 1) -> dict[str, float]:
+    """Median s/step of each name -> (step_fn, carry list, rest), `block` steps of each in
+    turn (so a drifting CPU load falls on all alike; see in_turns); each carry is updated in
+    place."""
+    return in_turns({k: step_call(*v, batch) for k, v in steps.items()}, repeats, warmup, block)
 
 
 def step_call(fn, carry: list, rest, batch):
@@ -97,14 +101,28 @@ def step_call(fn, carry: list, rest, batch):
     return one
 
 
-def in_turns(calls: dict, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each name -> callable of the turn index (which returns when its
-    work is done), one call of each in turn."""
-    times = {k: [] for k in calls}
+def in_turns(calls: dict, repeats: int = 5, warmup: int = 2, block: int = 1) -> dict[str, float]:
+    """Median seconds of each name -> callable of the call index (which returns when its
+    work is done), `block` calls of each in turn. With block > 1 the first call of each
+    turn is not timed: the steady state, as a training loop runs (on a VM that hands memory
+    freed for over ~2 s back to its host, the first call after another framework's turn
+    pays to fault its memory back in; see benchmarks/vs_torch.py)."""
+    times, n = {k: [] for k in calls}, 0
     for i in range(warmup + repeats):
         for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn(i)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+            for j in range(block):
+                t0 = time.perf_counter()
+                fn(n)
+                n += 1
+                if i >= warmup and (j or block == 1):
+                    times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(main) -> None:
+    """A benchmark's entry point: the process set up as ftlab's commands set up theirs
+    (ftlab/launch.py: malloc with transparent huge pages, inherited by child processes),
+    then `main`."""
+    from ftlab.launch import reexec_with_hugepages
+    reexec_with_hugepages()
+    main()

@@ -103,4 +103,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)

@@ -61,4 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)

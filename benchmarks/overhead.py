@@ -2,12 +2,15 @@
 jitted step with per-group optimizer) against a bare jitted step written here, on the same
 model, batch size and optimizer (AdamW + global-norm clipping), full fine-tuning.
 
-Run: python benchmarks/overhead.py [--steps 6 --models minilm,lite0]
+The two run in turns (twice `--steps` steps of one, then of the other, `--repeats` times
+after a warm-up turn that compiles; medians), so a shared machine's drifting load falls on
+both; the first `--steps` of each turn are not timed (the steady state: see common.in_turns).
+
+Run: python benchmarks/overhead.py [--steps 3 --repeats 5 --models minilm,lite0]
 """
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import jax
@@ -15,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from common import emit, ftlab_step, image_batch, lite0, minilm, token_batch
+from common import emit, ftlab_step, in_turns, image_batch, lite0, minilm, token_batch
 from ftlab.data.batches import ArrayData, batches
 from ftlab.loop import train_epoch
 from ftlab.models.loading import param_paths
@@ -54,39 +57,37 @@ def bare_step(model, paths: set[str] | None = None):
             params, tx.init(params), stats)
 
 
-def run_bare(model, data: ArrayData, batch_size: int, steps: int) -> float:
+def bare_runner(model, data: ArrayData, batch_size: int, steps: int):
+    """A callable of the turn index that runs `steps` bare steps (batches 1..steps)."""
     step, params, opt, stats = bare_step(model)
-    key = jax.random.key(0)
+    state, key = [params, opt, stats], jax.random.key(0)
     rows = [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in data.arrays.items()}
             for i in range(steps + 1)]
-    params, opt, stats, loss = step(params, opt, stats, rows[0], key)  # compile
-    loss.block_until_ready()
-    t = time.perf_counter()
-    for i in range(1, steps + 1):
-        params, opt, stats, loss = step(params, opt, stats, rows[i], jax.random.fold_in(key, i))
-    loss.block_until_ready()
-    return (time.perf_counter() - t) / steps
+
+    def run(turn: int) -> None:
+        for i in range(1, steps + 1):
+            *state[:], loss = step(*state, rows[i], jax.random.fold_in(key, turn * steps + i))
+        loss.block_until_ready()
+    return run
 
 
-def run_ftlab(model, data: ArrayData, batch_size: int, steps: int) -> float:
+def ftlab_runner(model, data: ArrayData, batch_size: int, steps: int):
+    """A callable of the turn index that runs ftlab's epoch loop over the same batches."""
     step, carry, rest = ftlab_step(model, set(param_paths(model)))
-    key, rs = jax.random.key(0), RunState()
-    idx = np.arange(len(data))
-    carry, _, _ = train_epoch(step, carry, rest, batches(data, batch_size, idx, limit=1), key,
-                              rs, 1, None, "warmup", progress=False)  # compile
-    jax.block_until_ready(carry)
-    rs = RunState()
-    t = time.perf_counter()
-    carry, _, _ = train_epoch(step, carry, rest, batches(data, batch_size, idx, start=1,
-                                                          limit=steps + 1),
-                              key, rs, steps, None, "timed", progress=False)
-    jax.block_until_ready(carry)
-    return (time.perf_counter() - t) / steps
+    state, key, idx = [carry], jax.random.key(0), np.arange(len(data))
+
+    def run(turn: int) -> None:
+        state[0], _, _ = train_epoch(step, state[0], rest, batches(
+            data, batch_size, idx, start=1, limit=steps + 1), jax.random.fold_in(key, turn),
+            RunState(), steps, None, "timed", progress=False)
+        jax.block_until_ready(state[0])
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3, help="steps per turn")
+    ap.add_argument("--repeats", type=int, default=5, help="timed turns of each")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--models", default="minilm,lite0")
     args = ap.parse_args()
@@ -98,8 +99,10 @@ def main() -> None:
         cases.append((f"lite0_b{args.batch}_128px", lite0, image_batch(n, 128)))
     for name, build, arrays in cases:
         data = ArrayData({k: v for k, v in arrays.items() if k != "weight"})
-        bare = run_bare(build(), data, args.batch, args.steps)
-        ours = run_ftlab(build(), data, args.batch, args.steps)
+        t = in_turns({"bare": bare_runner(build(), data, args.batch, args.steps),
+                      "ftlab": ftlab_runner(build(), data, args.batch, args.steps)},
+                     args.repeats, warmup=1, block=2)
+        bare, ours = t["bare"] / args.steps, t["ftlab"] / args.steps
         emit(f"overhead/{name}/bare", bare, "s/step")
         emit(f"overhead/{name}/ftlab", ours, "s/step")
         emit(f"overhead/{name}/throughput_ratio", bare / ours, "x bare throughput",
@@ -107,4 +110,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)

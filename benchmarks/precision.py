@@ -81,4 +81,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)

@@ -166,4 +166,5 @@ def _rows(data, n: int):
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)

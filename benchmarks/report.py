@@ -22,32 +22,51 @@ NOTES = """## Reading these numbers
   time / the peak matmul rate measured in the same run (a 4096³ matmul in that dtype; on the
   H100 jax's default precision runs fp32 dots as TF32). The 2-core CPU is shared and its
   speed moves by ±20% between runs; compare ratios within a table, not across tables.
-- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM is 0.8x
-  PyTorch eager in fp32 and 0.7x in bf16 (0.65-0.8x on the Intel CPU with AMX before). The
-  "matmul bound" lines under that table say why 1.2x is out of reach on this CPU: the
-  step's 275 GFLOP of matmuls take 1.45 s at the machine's peak fp32 matmul rate; torch's
-  whole step already runs at ~0.6 of that peak, so 1.2x torch would need ~0.75 of peak for
-  the whole step, softmax, LayerNorm, GELU, dropout, AdamW and the 30522-row embedding
-  gradient included (ftlab: ~0.5). The ratios come from torch's and ftlab's steps timed in
-  turns in one process; timed in separate processes minutes apart the same ratio read
-  anywhere from 0.83 to 0.97 on this shared machine. Where ftlab's step loses (a profile of
-  the fp32 step, this CPU): its dense-layer dots run at peak (1.6 s of 2.6 s, ~175
-  GFLOP/s), attention's batched 128x32 products at 40-50 GFLOP/s (torch's 75-95; XLA's
-  oneDNN option reaches ~100 in isolation but crashes XLA on the last-2 step, below), and
-  elementwise fusions take ~0.9 s of thread time. In bf16, XLA's weight-gradient dots
-  (contracting over the 4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation,
-  whatever the operand layout; split into chunks, slower still; torch 375), while those
-  contracting over 384 or 1536 reach 360-400.
+- Huge pages: XLA:CPU mallocs each run's temporaries as one block (1.76 GB for MiniLM's
+  b32 train step) and frees it after; glibc maps a fresh block each time and the kernel
+  faulted it in 4 KiB at a time, ~0.4-0.6 s of a MiniLM step. Every `ftlab-*` command now
+  starts with glibc's huge-page tunable (ftlab/launch.py), and every benchmark runs so
+  (benchmarks/common.run; torch's process as well: its step time does not move). Re-measured
+  with it: the overhead, huge-page, PyTorch, precision, freezing and start-up tables; the
+  others (depthwise, LoRA, frozen vision, XLA options, int8) were measured before it, as
+  ratios within one process.
+- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM is 1.05x
+  PyTorch eager in fp32 and 0.84x in bf16 (before huge pages and the GELU below: 0.82x and
+  0.73x). The "matmul bound" lines under that table say how far 1.2x is: the step's 275
+  GFLOP of matmuls take 1.45 s at the machine's peak fp32 matmul rate; torch's whole step
+  runs at ~0.62 of that peak, ftlab's at ~0.65, and 1.2x torch needs ~0.74 for the whole
+  step, softmax, LayerNorm, GELU, dropout, AdamW and the 30522-row embedding gradient
+  included. The ratios come from torch's and ftlab's steps timed in turns in one process,
+  blocks of 3 steps each with the first of each block not timed: this VM's balloon driver
+  hands memory free for ~2 s back to the host, so the first step after the other
+  framework's turn faults its working memory back in from the host (torch 2.3 -> 2.7-4 s,
+  ftlab 2.4 -> 3-5 s), which a training loop, step after step, never pays. In separate
+  processes minutes apart the ratio read anywhere from 0.83 to 0.97 before.
+  Where ftlab's fp32 step still loses (profile with huge pages): attention's batched 128x32
+  products (~0.2 s; torch's bmm 0.16 s), transposed copies of activations for the
+  weight-gradient and head-split dots (~0.19 s; torch's copies 0.04 s), and elementwise
+  fusions. BERT's exact GELU now has a hand-written gradient (erf's polynomial forward,
+  the backward recomputed from the input; jax's went through erfc's piecewise expansion):
+  GELU forward + backward 35 -> 14.5 ms per layer, the step 3% faster. XLA's YNNPACK
+  fusions (on by default) cost MiniLM's fp32 step 7-8%: with
+  `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (dots only) it
+  is 1.07x faster (in turns, 9 steps; MiniLM bf16 1.04-1.35x over three runs), but
+  EfficientNet-Lite0's bf16 step is 1.7x slower, so ftlab leaves XLA's default; set it in
+  `XLA_FLAGS` for transformer runs (the XLA options table has both settings). In bf16, XLA's weight-gradient dots (contracting over the
+  4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation, whatever the operand
+  layout; torch 375), while those contracting over 384 or 1536 reach 360-400.
   XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
   Tried without gain before: bf16 attention products (2x in isolation, none in the step),
   one fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
-  (the bits 38 -> 3.3 ms in isolation, the step unchanged: XLA computes them while the
-  dots run, as they depend on no activation). Last-2 as ftlab trains it (frozen prefix
-  cached, the default) is 1.5-1.7x torch in steady state, 1.0-1.1x even when a one-epoch
-  phase pays the prefix pass; without the cache 1.1x.
+  (the bits 38 -> 3.3 ms in isolation, the step unchanged). Last-2 as ftlab trains it
+  (frozen prefix cached, the default) is 1.8-2.1x torch in steady state, 1.0-1.2x even when
+  a one-epoch phase pays the prefix pass; without the cache 1.13x (fp32) and 1.22x (bf16).
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
   trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
-  `<set>_vs_bare` times it and ftlab's step in turns, one step each (goal: no worse, <= 1).
+  `<set>_vs_bare` times it and ftlab's step in turns, two steps each with the first not
+  timed (goal: no worse, <= 1).
+- Framework overhead: ftlab's epoch loop and the bare loop run in turns, 6 steps each, the
+  first 3 not timed (as for PyTorch above).
 - "vs bare step" uses the same step math as ftlab (BatchNorm on batch statistics, dropout,
   AdamW after clipping), so it measures the loop and per-group optimizer, not the model.
 - Start-up: "cold" has empty compilation and data caches (token ids, split folds, decoded
@@ -92,6 +111,17 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append(table(["case", "bare s/step", "ftlab s/step", "throughput ratio"], [
             [c, fmt(r[f"overhead/{c}/bare"]["value"], 4), fmt(r[f"overhead/{c}/ftlab"]["value"], 4),
              fmt(r[f"overhead/{c}/throughput_ratio"]["value"], 3)] for c in over]))
+    hp = [k.split("/")[1] for k in r if k.startswith("hugepages/") and k.endswith("/speedup")]
+    if hp:
+        parts.append("### Huge-page malloc (`ftlab-*` commands' GLIBC_TUNABLES="
+                     "glibc.malloc.hugetlb=1) vs glibc's default, ftlab's full fine-tuning "
+                     "step (batch 32)")
+        parts.append(table(["case", "default s/step", "huge pages s/step", "speedup",
+                            "page faults/step default", "huge pages"], [
+            [c, fmt(r[f"hugepages/{c}/off"]["value"], 3), fmt(r[f"hugepages/{c}/on"]["value"], 3),
+             fmt(r[f"hugepages/{c}/speedup"]["value"], 2),
+             f"{r[f'hugepages/{c}/off']['faults_per_step']:,}",
+             f"{r[f'hugepages/{c}/on']['faults_per_step']:,}"] for c in hp]))
     vs = [k for k in r if k.startswith("vs_torch/") and k.endswith("throughput_ratio")]
     if vs:
         parts.append("### Against PyTorch eager (MiniLM-L6, batch 32, seq 128; goal >= 1.2)")

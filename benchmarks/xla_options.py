@@ -25,6 +25,9 @@ OPTIONS = {
     "onednn_dot": {"xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "ynn_dots_only": {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "xnn_graph_greedy": {
         "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"},
     "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
@@ -86,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run
+    run(main)
