@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Mapping
 
 import jax
+import numpy as np
+
+from ftlab.schema import ConfigError
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
@@ -67,3 +71,17 @@ def enable_persistent_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def checked_options(key: str, options: Mapping) -> dict:
+    """XLA compiler options as jax.jit takes them, tried on a one-op program first, so a wrong
+    name or value fails here with the config key named, not at a train step's compile."""
+    options = dict(options)
+    if options:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+        except Exception as e:  # jax's runtime error: "INVALID_ARGUMENT: No such ..."
+            msg = str(e).split(": ", 1)[-1].splitlines()[0]
+            raise ConfigError(key, f"{msg} (XLA's debug options: xla/debug_options_flags.cc, "
+                                   "or `XLA_FLAGS=--helpfull`)") from None
+    return options

@@ -157,7 +157,8 @@ def range_test(cfg: Config, task, model, paths: set[str], wd_mult: dict[str, flo
                      wd_mult)  # the LR itself comes in as lr_scale, step by step
     step_fn = make_train_step(graphdef, tx, task, start, weights,
                               augment_fn(cfg.dataset.augment, special_tokens),
-                              scheme=cfg.weighting.scheme)
+                              scheme=cfg.weighting.scheme,
+                              compiler_options=dict(cfg.model.xla_options))
     curve, (trainable, _, stats) = sweep(
         step_fn, (trainable, tx.init(trainable), stats), rest, _stream(cfg, train, phase),
         np.geomspace(lf.min_lr, lf.max_lr, lf.steps), lf, jax.random.key(cfg.trainer.seed))

@@ -273,7 +273,8 @@ def qat(cfg: Config, qcfg: QatConfig, model: nnx.Module, paths: set[str], data,
     ones = dict.fromkeys(paths, 1.0)
     tx = optim.build(cfg.optimizer, phase, qcfg.epochs * steps, trainable, ones, ones)
     step_fn = make_train_step(graphdef, tx, data.tasks, 0,
-                              augment=augment_fn(cfg.dataset.augment, data.special_tokens))
+                              augment=augment_fn(cfg.dataset.augment, data.special_tokens),
+                              compiler_options=dict(cfg.model.xla_options))
     carry, rs = (trainable, tx.init(trainable), stats), SimpleNamespace(step=0, batch=0)
     key, history = jax.random.key(t.seed + seed_phase), []
     for epoch in range(qcfg.epochs):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -37,6 +37,9 @@ class ModelConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     skip: List[str] = field(default_factory=list)  # source tensors deliberately unused
+    # XLA compiler options for this model's train steps (jax.jit's compiler_options), e.g.
+    # {xla_cpu_experimental_ynn_fusion_type: LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT}
+    xla_options: Dict[str, Any] = field(default_factory=dict)
     new: List[str] = field(default_factory=lambda: ["head/.*"])  # params not in the source
     head: HeadConfig = field(default_factory=HeadConfig)
 

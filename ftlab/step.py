@@ -82,7 +82,8 @@ def _task_list(tasks, class_weights) -> list[Task]:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, tasks, start: int = 0,
-                    class_weights=None, augment=None, scheme: str = "static"):
+                    class_weights=None, augment=None, scheme: str = "static",
+                    compiler_options: dict | None = None):
     """(trainable, opt_state, stats, rest, batch, key[, dyn]) -> (trainable, opt_state, stats,
     metrics).
 
@@ -92,6 +93,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks, start: in
     else, read only. `start` > 0 runs the model from that stage on cached inputs
     (`batch["hidden"]`). `augment`, if given, maps (key, batch) -> batch before the forward
     pass. `dyn`: per-task loss weights from the host (DWA), ones if omitted.
+    `compiler_options`: XLA's, for this step's compile (model.xla_options).
     """
     tasks = _task_list(tasks, class_weights)
     first = tasks[0]
@@ -113,7 +115,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks, start: in
         loss = total_loss(tasks, scheme, losses, counts, dyn, log_var)
         return loss, (outs[first.name], losses, nnx.state(model, nnx.BatchStat))
 
-    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    @partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=compiler_options or None)
     def train_step(trainable, opt_state, stats, rest, batch, key, dyn=None):
         dyn = jnp.ones(len(tasks), jnp.float32) if dyn is None else dyn
         (loss, (logits, losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from ftlab import (evaluate, logs, models, optim, parallel, param_groups, peft, provenance,
                    tasks)
 from ftlab.checkpoint import Checkpoints, check_dir, latest_meta
-from ftlab.compiles import CompileLog
+from ftlab.compiles import CompileLog, checked_options
 from ftlab.preempt import Preemption
 from ftlab.resume import RunState, check_resumable
 from ftlab.data import splits
@@ -65,6 +65,7 @@ def check_config(cfg: Config) -> None:
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size", "batch sizes must be >= 1")
     parallel.data_mesh(t.devices, t.batch_size)
+    checked_options("model.xla_options", cfg.model.xla_options)
 
 
 def build_model(cfg: Config, num_classes: int, *, abstract: bool = False,
@@ -250,7 +251,8 @@ class Trainer:
         train_step = make_train_step(graphdef, tx, self.tasks, start,
                                      augment=augment_fn(self.cfg.dataset.augment,
                                                         self.data.special_tokens),
-                                     scheme=self.cfg.weighting.scheme)
+                                     scheme=self.cfg.weighting.scheme,
+                                     compiler_options=dict(self.cfg.model.xla_options))
         while rs.epoch < epochs:
             dyn = self._dyn(rs)
             step_fn = self._sharded(train_step, dyn)

@@ -61,7 +61,7 @@ def test_optimizer_state_only_for_trainable_params():
     assert sizes < 3 * head  # two Adam moments + scalars, nothing for the frozen backbone
 
 
-def _dots_in_compiled_step(cfg, phase: int) -> int:
+def _compiled_step(cfg, phase: int, compiler_options=None) -> str:
     model = models.build(cfg.model, 10, 0)
     groups = param_groups.assign(models.loading.param_paths(model), cfg.schedule.groups,
                                  cfg.schedule.phases)
@@ -70,11 +70,15 @@ def _dots_in_compiled_step(cfg, phase: int) -> int:
     name, ph = list(cfg.schedule.phases.items())[phase]
     tx = optim.build(cfg.optimizer, ph, 10, trainable, groups.multipliers(paths, "lr_mult"),
                      groups.multipliers(paths, "wd_mult"))
-    step = make_train_step(graphdef, tx, cfg.tasks["main"])
+    step = make_train_step(graphdef, tx, cfg.tasks["main"], compiler_options=compiler_options)
     batch = {"input_ids": np.ones((4, 64), np.int32), "attention_mask": np.ones((4, 64), np.int32),
              "label": np.zeros(4, np.int32), "weight": np.ones(4, np.float32)}
-    hlo = step.lower(trainable, tx.init(trainable), stats, rest, batch,
-                     jax.random.key(0)).compile().as_text()
+    return step.lower(trainable, tx.init(trainable), stats, rest, batch,
+                      jax.random.key(0)).compile().as_text()
+
+
+def _dots_in_compiled_step(cfg, phase: int) -> int:
+    hlo = _compiled_step(cfg, phase)
     return len(re.findall(r"\bdot\(", hlo)) + len(re.findall(r"custom-call.*matmul", hlo))
 
 
@@ -83,6 +87,27 @@ def test_frozen_params_are_not_differentiated():
     cfg = compose_cfg(*FAST)
     head_only, full = _dots_in_compiled_step(cfg, 0), _dots_in_compiled_step(cfg, 2)
     assert head_only < 0.6 * full, (head_only, full)
+
+
+def test_model_xla_options_reach_the_train_step_compile_and_bad_ones_name_the_key(tmp_path):
+    """model.xla_options go to the train step's compile: YNNPACK on the dots only takes the
+    reductions (LayerNorm, softmax) that XLA's default hands it back to XLA's own loops."""
+    ynn = "xla_cpu_experimental_ynn_fusion_type"
+    cfg = compose_cfg(*FAST, f"+model.xla_options.{ynn}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    options = dict(cfg.model.xla_options)
+    assert options == {ynn: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert dict(compose_cfg(*FAST).model.xla_options) == {}  # XLA's defaults
+
+    def ynn_reductions(hlo: str) -> int:
+        return len(re.findall(r"ynn_fusion[.\d]* = .*reduce", hlo))
+    assert ynn_reductions(_compiled_step(cfg, 2)) > 0  # XLA's default
+    assert ynn_reductions(_compiled_step(cfg, 2, options)) == 0
+    for bad, words in (("+model.xla_options.xla_nope=1", "No such compile option: 'xla_nope'"),
+                       (f"+model.xla_options.{ynn}=DOTS", "'DOTS' is not a valid enum value")):
+        with pytest.raises(ConfigError) as e:
+            run(compose_cfg(*FAST, bad), tmp_path / "run")
+        assert e.value.key == "model.xla_options" and words in str(e.value), str(e.value)
+    assert not (tmp_path / "run" / "ckpt").exists()
 
 
 def test_resume_after_interruptions_equals_uninterrupted_run(tmp_path):
