@@ -35,7 +35,7 @@ test: setup
 
 # Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
-BENCH = freeze freeze_vision depthwise lora overhead precision hugepages vs_torch xla_options startup quantize
+BENCH = freeze freeze_vision depthwise lora overhead precision malloc vs_torch xla_options startup quantize
 bench: setup
 	$(VENV)/bin/pip install -q torch==2.13.0
 	mkdir -p benchmarks/results

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from omegaconf import OmegaConf
 
 from ftlab import models, optim
+from ftlab.models.bert import BertClassifier
 from ftlab.schema import ModelConfig, OptimizerConfig, PhaseConfig, TaskConfig
 from ftlab.step import make_train_step, split_for_training
 
@@ -66,14 +68,25 @@ def token_batch(batch: int, seq: int, num_classes: int = 5, seed: int = 0) -> di
             "weight": np.ones(batch, np.float32)}
 
 
-def ftlab_step(model, paths: set[str], start: int = 0):
-    """ftlab's own step for `paths` trainable: (step_fn, (trainable, opt_state, stats), rest)."""
+def conf_xla_options(model) -> dict:
+    """The XLA compiler options ftlab's config gives this model's train step
+    (conf/model/minilm.yaml or efficientnet_lite0.yaml `xla_options`), as ftlab-train
+    compiles it."""
+    name = "minilm" if isinstance(model, BertClassifier) else "efficientnet_lite0"
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml")
+    return dict(conf.get("xla_options") or {})
+
+
+def ftlab_step(model, paths: set[str], start: int = 0, xla_options: dict | None = None):
+    """ftlab's own step for `paths` trainable: (step_fn, (trainable, opt_state, stats), rest).
+    `xla_options`: the step's XLA compiler options, by default the model config's."""
     graphdef, trainable, stats, rest = split_for_training(model, paths)
     # The step donates its carry; copy so the model keeps its own arrays for the next variant.
     trainable, stats = jax.tree.map(jnp.copy, (trainable, stats))
     ones = {p: 1.0 for p in paths}
     tx = optim.build(OptimizerConfig(), PhaseConfig(lr=1e-4), 1000, trainable, ones, ones)
-    step = make_train_step(graphdef, tx, TaskConfig(), start)
+    step = make_train_step(graphdef, tx, TaskConfig(), start, compiler_options=(
+        conf_xla_options(model) if xla_options is None else xla_options))
     return step, (trainable, tx.init(trainable), stats), rest
 
 
@@ -121,8 +134,7 @@ def in_turns(calls: dict, repeats: int = 5, warmup: int = 2, block: int = 1) -> 
 
 def run(main) -> None:
     """A benchmark's entry point: the process set up as ftlab's commands set up theirs
-    (ftlab/launch.py: malloc with transparent huge pages, inherited by child processes),
-    then `main`."""
-    from ftlab.launch import reexec_with_hugepages
-    reexec_with_hugepages()
+    (ftlab/launch.py: glibc's malloc tunables, inherited by child processes), then `main`."""
+    from ftlab.launch import reexec_with_malloc_tunables
+    reexec_with_malloc_tunables()
     main()

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from common import LAST2, emit, ftlab_step, interleaved, minilm, time_steps, token_batch
+from common import (LAST2, conf_xla_options, emit, ftlab_step, interleaved, minilm, time_steps,
+                    token_batch)
 from overhead import bare_step
 from ftlab.models.loading import param_paths
 from ftlab.optim import path_str
@@ -41,7 +42,8 @@ def masked_step(model, paths: set[str]):
         lambda kp, _: "train" if path_str(kp) in paths else "freeze", params)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
         {"train": optax.adamw(1e-4), "freeze": optax.set_to_zero()}, labels))
-    return make_train_step(graphdef, tx, TaskConfig()), (params, tx.init(params), stats), rest
+    step = make_train_step(graphdef, tx, TaskConfig(), compiler_options=conf_xla_options(model))
+    return step, (params, tx.init(params), stats), rest
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from common import emit, ftlab_step, in_turns, image_batch, lite0, minilm, token_batch
+from common import (conf_xla_options, emit, ftlab_step, in_turns, image_batch, lite0, minilm,
+                    token_batch)
 from ftlab.data.batches import ArrayData, batches
 from ftlab.loop import train_epoch
 from ftlab.models.loading import param_paths
@@ -31,8 +32,9 @@ def bare_step(model, paths: set[str] | None = None):
     its running averages), AdamW after global-norm clipping. `paths` (default: every param)
     are differentiated; the other params enter as a separate, undifferentiated argument
     (the pruned backward of freezing written by hand), and the blocks holding only them run
-    in inference mode, as ftlab runs frozen blocks. Returns (step(params, opt_state, stats,
-    batch, key), params, opt_state, stats)."""
+    in inference mode, as ftlab runs frozen blocks. Compiled with the XLA options ftlab's
+    config gives the model, so a ratio to ftlab's step is the loop's, not XLA's. Returns
+    (step(params, opt_state, stats, batch, key), params, opt_state, stats)."""
     set_modes(model, set(param_paths(model)) if paths is None else paths)
     trains = (lambda path, v: isinstance(v, nnx.Param) and (
         paths is None or "/".join(map(str, path)) in paths))
@@ -41,7 +43,7 @@ def bare_step(model, paths: set[str] | None = None):
     params, stats = jax.tree.map(jax.numpy.copy, (params, stats))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
 
-    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    @partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=conf_xla_options(model) or None)
     def step(params, opt_state, stats, frozen, batch, key):
         def loss_fn(p):
             m = nnx.merge(graphdef, p, frozen, stats, rest, copy=True)
