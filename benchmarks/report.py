@@ -22,45 +22,49 @@ NOTES = """## Reading these numbers
   time / the peak matmul rate measured in the same run (a 4096³ matmul in that dtype; on the
   H100 jax's default precision runs fp32 dots as TF32). The 2-core CPU is shared and its
   speed moves by ±20% between runs; compare ratios within a table, not across tables.
-- Huge pages: XLA:CPU mallocs each run's temporaries as one block (1.76 GB for MiniLM's
-  b32 train step) and frees it after; glibc maps a fresh block each time and the kernel
-  faulted it in 4 KiB at a time, ~0.4-0.6 s of a MiniLM step. Every `ftlab-*` command now
-  starts with glibc's huge-page tunable (ftlab/launch.py), and every benchmark runs so
-  (benchmarks/common.run; torch's process as well: its step time does not move). Re-measured
-  with it: the overhead, huge-page, PyTorch, precision, freezing and start-up tables; the
-  others (depthwise, LoRA, frozen vision, XLA options, int8) were measured before it, as
-  ratios within one process.
-- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM is 1.05x
-  PyTorch eager in fp32 and 0.84x in bf16 (before huge pages and the GELU below: 0.82x and
-  0.73x). The "matmul bound" lines under that table say how far 1.2x is: the step's 275
-  GFLOP of matmuls take 1.45 s at the machine's peak fp32 matmul rate; torch's whole step
-  runs at ~0.62 of that peak, ftlab's at ~0.65, and 1.2x torch needs ~0.74 for the whole
-  step, softmax, LayerNorm, GELU, dropout, AdamW and the 30522-row embedding gradient
-  included. The ratios come from torch's and ftlab's steps timed in turns in one process,
-  blocks of 3 steps each with the first of each block not timed: this VM's balloon driver
-  hands memory free for ~2 s back to the host, so the first step after the other
-  framework's turn faults its working memory back in from the host (torch 2.3 -> 2.7-4 s,
-  ftlab 2.4 -> 3-5 s), which a training loop, step after step, never pays. In separate
-  processes minutes apart the ratio read anywhere from 0.83 to 0.97 before.
+- glibc malloc: XLA:CPU mallocs each run's temporaries as one block (1.76 GB for MiniLM's
+  b32 train step) and frees it after; glibc mapped a fresh block each time and the kernel
+  faulted it in 4 KiB at a time, each page zeroed (~400k faults per MiniLM step). Every
+  `ftlab-*` command now starts with glibc tunables (ftlab/launch.py): huge pages, and on
+  hosts without a GPU one arena with no mmap or trim for large blocks, so the block is kept
+  and the next step reuses its pages (no faults). Every benchmark runs so
+  (benchmarks/common.run); torch, in its own processes, with glibc's defaults. Re-measured
+  with it: the overhead, malloc, PyTorch, precision, freezing and start-up tables; the
+  others (depthwise, LoRA, frozen vision, XLA options, int8) were measured before, as ratios
+  within one process.
+- Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM, each
+  framework alone in its own process (the sentence under the PyTorch table): VS_FP32 in
+  fp32 and VS_BF16 in bf16 (at the start of this work: 0.82x and 0.73x). Timed in turns in
+  one process (the table) ftlab reads lower, INTURN_FP32 and INTURN_BF16 (in that process
+  torch runs under ftlab's malloc tunables too, one arena for both). The "matmul bound" lines
+  say how far 1.2x is: the step's 275 GFLOP of matmuls take ~1.45 s at the machine's peak
+  fp32 matmul rate; torch's whole step runs at ~0.62-0.65 of that peak, ftlab's at ~0.65,
+  and 1.2x torch needs ~0.75-0.79 for the whole step, softmax, LayerNorm, GELU, dropout,
+  AdamW and the 30522-row embedding gradient included. In-turns timing uses blocks of 3
+  steps each with the first of each block not timed: this VM's balloon driver hands memory
+  free for ~2 s back to the host, so the first step after the other framework's turn faults
+  its working memory back in from the host (torch 2.3 -> 2.7-4 s, ftlab 2.4 -> 3-5 s),
+  which a training loop, step after step, never pays.
   Where ftlab's fp32 step still loses (profile with huge pages): attention's batched 128x32
   products (~0.2 s; torch's bmm 0.16 s), transposed copies of activations for the
   weight-gradient and head-split dots (~0.19 s; torch's copies 0.04 s), and elementwise
   fusions. BERT's exact GELU now has a hand-written gradient (erf's polynomial forward,
   the backward recomputed from the input; jax's went through erfc's piecewise expansion):
-  GELU forward + backward 35 -> 14.5 ms per layer, the step 3% faster. XLA's YNNPACK
-  fusions (on by default) cost MiniLM's fp32 step 7-8%: with
-  `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (dots only) it
-  is 1.07x faster (in turns, 9 steps; MiniLM bf16 1.04-1.35x over three runs), but
-  EfficientNet-Lite0's bf16 step is 1.7x slower, so ftlab leaves XLA's default; set it in
-  `XLA_FLAGS` for transformer runs (the XLA options table has both settings). In bf16, XLA's weight-gradient dots (contracting over the
-  4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation, whatever the operand
+  GELU forward + backward 35 -> 14.5 ms per layer, the step 3% faster. XLA's YNNPACK on
+  dots only (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`,
+  which gives LayerNorm's and softmax's reductions back to XLA's loops) read 1.07-1.08x on
+  MiniLM's fp32 step in turns against XLA's default in one process, but 0.87-0.93x with
+  each build in its own process (XLA_PROCESSES), so no model sets it; `model.xla_options`
+  takes any such option per model. In bf16, XLA's weight-gradient dots (contracting over
+  the 4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation, whatever the operand
   layout; torch 375), while those contracting over 384 or 1536 reach 360-400.
   XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
   Tried without gain before: bf16 attention products (2x in isolation, none in the step),
   one fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
   (the bits 38 -> 3.3 ms in isolation, the step unchanged). Last-2 as ftlab trains it
-  (frozen prefix cached, the default) is 1.8-2.1x torch in steady state, 1.0-1.2x even when
-  a one-epoch phase pays the prefix pass; without the cache 1.13x (fp32) and 1.22x (bf16).
+  (frozen prefix cached, the default) is 1.7-2.1x torch in steady state, 1.0-1.2x even when
+  a one-epoch phase pays the prefix pass; without the cache 1.13-1.17x (fp32) and
+  1.15-1.22x (bf16) over the last two runs.
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
   trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
   `<set>_vs_bare` times it and ftlab's step in turns, two steps each with the first not
@@ -111,17 +115,20 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append(table(["case", "bare s/step", "ftlab s/step", "throughput ratio"], [
             [c, fmt(r[f"overhead/{c}/bare"]["value"], 4), fmt(r[f"overhead/{c}/ftlab"]["value"], 4),
              fmt(r[f"overhead/{c}/throughput_ratio"]["value"], 3)] for c in over]))
-    hp = [k.split("/")[1] for k in r if k.startswith("hugepages/") and k.endswith("/speedup")]
-    if hp:
-        parts.append("### Huge-page malloc (`ftlab-*` commands' GLIBC_TUNABLES="
-                     "glibc.malloc.hugetlb=1) vs glibc's default, ftlab's full fine-tuning "
-                     "step (batch 32)")
-        parts.append(table(["case", "default s/step", "huge pages s/step", "speedup",
-                            "page faults/step default", "huge pages"], [
-            [c, fmt(r[f"hugepages/{c}/off"]["value"], 3), fmt(r[f"hugepages/{c}/on"]["value"], 3),
-             fmt(r[f"hugepages/{c}/speedup"]["value"], 2),
-             f"{r[f'hugepages/{c}/off']['faults_per_step']:,}",
-             f"{r[f'hugepages/{c}/on']['faults_per_step']:,}"] for c in hp]))
+    ml = [k.split("/")[1] for k in r if k.startswith("malloc/") and k.endswith("/ftlab")]
+    if ml:
+        parts.append("### glibc malloc: glibc's default, huge pages only (glibc.malloc.hugetlb=1) "
+                     "and what `ftlab-*` commands set (huge pages, one arena, no mmap or trim: "
+                     "the step's block kept), ftlab's full fine-tuning step (batch 32)")
+        parts.append(table(["case", "default s/step", "huge pages", "ftlab", "huge pages vs "
+                            "default", "ftlab vs default", "ftlab vs huge pages",
+                            "page faults/step: default", "huge pages", "ftlab"], [
+            [c, *(fmt(r[f"malloc/{c}/{n}"]["value"], 3)
+                  for n in ("default", "huge_pages", "ftlab")),
+             *(fmt(r[f"malloc/{c}/{n}"]["value"], 2) for n in (
+                 "huge_pages_vs_default", "ftlab_vs_default", "ftlab_vs_huge_pages")),
+             *(f"{r[f'malloc/{c}/{n}']['faults_per_step']:,}"
+               for n in ("default", "huge_pages", "ftlab"))] for c in ml]))
     vs = [k for k in r if k.startswith("vs_torch/") and k.endswith("throughput_ratio")]
     if vs:
         parts.append("### Against PyTorch eager (MiniLM-L6, batch 32, seq 128; goal >= 1.2)")
@@ -140,6 +147,14 @@ def section(machine: str, r: dict[str, dict]) -> str:
                      "the default): the frozen prefix runs once per phase, not every step; "
                      "its ratio is the steady state, the 1-epoch column also charges that "
                      "prefix pass in full (torch: the same last-2 run).")
+        sep = [(k.split("/")[2], r[k]) for k in r if k.startswith("vs_torch/full/")
+               and k.endswith("/throughput_ratio_processes")]
+        if sep:
+            parts.append("Full fine-tuning with each framework alone in its own process, as "
+                         "its users run it (torch, ftlab, torch, ftlab; torch with glibc's "
+                         "default malloc, ftlab with its commands' tunables): " + "; ".join(
+                             f"{d} {fmt(x['value'], 2)}x ({fmt(x['torch_seconds'], 2)} vs "
+                             f"{fmt(x['ftlab_seconds'], 2)} s/step)" for d, x in sep) + ".")
         for dtype in ("float32", "bfloat16"):
             b = r.get(f"vs_torch/full/{dtype}/matmul_bound")
             if b:
@@ -219,7 +234,8 @@ def section(machine: str, r: dict[str, dict]) -> str:
         parts.append("### Start-up: `ftlab-train` to first step and exit (goal warm <= 15 s)")
         parts.append(table(["cache", "seconds", "command"], [
             [k.split("/")[1], fmt(r[k]["value"], 1), f"`{r[k]['args']}`"] for k in st]))
-    xo = [k for k in r if k.startswith("xla_options/")]
+    xo = [k for k in r if k.startswith("xla_options/") and not k.endswith("/processes")]
+    xp = [k for k in r if k.startswith("xla_options/") and k.endswith("/processes")]
     if xo:
         cases = list(dict.fromkeys(k.split("/")[1] for k in xo))
         options = list(dict.fromkeys(k.split("/")[2] for k in xo))
@@ -235,6 +251,12 @@ def section(machine: str, r: dict[str, dict]) -> str:
         if errors:
             parts.append("fails: XLA's compile raised " + "; ".join(f'"{e}"' for e in errors)
                          + ".")
+    if xp:
+        parts.append("Checked in separate processes (`--processes`: default, option, default, "
+                     "option, one build per process, as a run has it):")
+        parts.append(table(["case", "option", "speedup", "default s/step", "option s/step"], [
+            [k.split("/")[1], k.split("/")[2], fmt(r[k]["value"], 2),
+             fmt(r[k].get("default_s", 0), 3), fmt(r[k].get("option_s", 0), 3)] for k in xp]))
     return "\n\n".join(parts)
 
 

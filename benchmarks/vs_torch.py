@@ -15,6 +15,10 @@ this machine is a VM whose balloon driver hands memory that stays free for ~2 s 
 host, so a step right after the other framework's 2-s step faults its working memory back in
 from the host (measured: torch 2.3 -> 2.7-4 s, ftlab 2.4 -> 3-5 s); a training loop runs
 step after step, as the blocks do.
+For full fine-tuning, `throughput_ratio_processes` times each framework alone as well, in its
+own process as its users run it (torch with glibc's default malloc, ftlab with the tunables
+its commands set), alternating torch, ftlab, torch, ftlab: two builds or two frameworks in one
+process can rank differently than each alone (XLA's YNNPACK dots-only option did).
 Peak memory (max RSS) comes from each framework alone in its own process. The PyTorch model
 is a plain BERT encoder written in benchmarks/torch_minilm.py (no transformers), random
 weights (speed does not depend on them). torch is a benchmark-only dependency:
@@ -110,22 +114,35 @@ def child(args) -> None:
     if args.framework in ("ftlab", "pair"):
         steps["ftlab"], out = ftlab_stepper(args.variant, args.dtype, args.batch, args.seq,
                                             repeats)
-    times = in_turns(steps, repeats, warmup=1, block=3) if pair else in_turns(steps, 1)
+    times = in_turns(steps, repeats, warmup=1, block=3) if pair else \
+        in_turns(steps, args.steps, warmup=2)
     if pair:
         print("RESULT " + json.dumps({**out, "torch_seconds": times["torch"],
                                       "ftlab_seconds": times["ftlab"]}), flush=True)
         return
+    out["seconds"] = times[args.framework]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.variant == "full":  # after the run, so the matmul does not count in its RSS
         out["peak_flops"] = peak_flops(args.framework, args.dtype)
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def torch_env() -> dict:
+    """torch's own process as its users run it: glibc's defaults, not ftlab's tunables."""
+    import os
+    from ftlab.launch import HUGEPAGES, KEEP_STEP_MEMORY
+    ours = {**HUGEPAGES, **KEEP_STEP_MEMORY}
+    kept = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+            if t and t.split("=")[0] not in ours]
+    return {**os.environ, "FTLAB_MALLOC": "0", "GLIBC_TUNABLES": ":".join(kept)}
+
+
 def spawn(framework: str, variant: str, dtype: str, args) -> dict | None:
     from common import child_result
     out, err = child_result(__file__, [
         "--child", framework, "--variant", variant, "--dtype", dtype, "--batch",
-        str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)])
+        str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)],
+        torch_env() if framework == "torch" else None)
     if out is None:
         print(json.dumps({"name": f"vs_torch/{framework}/{variant}/{dtype}", "error": err}),
               flush=True)
@@ -156,6 +173,18 @@ def main() -> None:
             if variant == base:
                 alone["torch", base, dtype] = spawn("torch", base, dtype, args)
             alone["ftlab", variant, dtype] = spawn("ftlab", variant, dtype, args)
+            if variant == "full":  # and again, alternating: each in its own process
+                runs = {fw: [alone[fw, base, dtype]] for fw in ("torch", "ftlab")}
+                for fw in ("torch", "ftlab"):
+                    runs[fw].append(spawn(fw, base, dtype, args))
+                if all(runs["torch"] + runs["ftlab"]):
+                    t, f = (statistics.median(r["seconds"] for r in runs[fw])
+                            for fw in ("torch", "ftlab"))
+                    emit(f"vs_torch/{variant}/{dtype}/throughput_ratio_processes", t / f,
+                         "x torch throughput", f"vs_torch/torch/{base}/{dtype}",
+                         goal=">= 1.2", timed="alternating processes (torch, ftlab, twice), "
+                         "each as its users run it", torch_seconds=round(t, 4),
+                         ftlab_seconds=round(f, 4))
             pair = spawn("pair", variant, dtype, args)
             if pair is None:
                 continue

@@ -8,9 +8,16 @@ per-compile option (`jit(...).lower(...).compile(compiler_options=...)`), so the
 the optioned build share the process, the inputs and the machine's load. Each (case, option)
 runs in its own process: an option that crashes XLA (some do) is recorded, not fatal.
 
-`value` is the speedup (default s/step / optioned s/step): > 1 means the option helps. Check
-your own CPU: `python benchmarks/xla_options.py`; to use an option in ftlab, set it in
-`XLA_FLAGS` (e.g. `XLA_FLAGS=--xla_cpu_prefer_vector_width=512`).
+`value` is the speedup (default s/step / optioned s/step): > 1 means the option helps.
+Caveat: two builds in one process can rank differently than each alone. YNNPACK on dots only
+read 1.08x on MiniLM's full fp32 step in turns and 0.9x with each build in its own process,
+as a run has it. `--processes` times that way (default, option, default, option: one build
+per process, `--repeats` steps after two warm-up steps each; `<option>/processes` lines):
+check a candidate so before relying on it. Check
+your own CPU: `python benchmarks/xla_options.py`; to use an option in ftlab, put it in the
+model's config (`model.xla_options`, e.g. `+model.xla_options.xla_cpu_prefer_vector_width=512`)
+or, for every program of the process, in `XLA_FLAGS`. Both builds here start from XLA's
+defaults, not the model config's options.
 
 Run: python benchmarks/xla_options.py [--cases minilm_full_fp32 ...] [--options ...]
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 OPTIONS = {
     "vector_width_512": {"xla_cpu_prefer_vector_width": 512},
@@ -40,10 +48,13 @@ CASES = {  # name -> (model, compute dtype, trainable); batch 32 (seq 128 / 128 
     "minilm_last2_fp32": ("minilm", "float32", "last2"),
     "minilm_last2_bf16": ("minilm", "bfloat16", "last2"),
     "lite0_full_fp32": ("lite0", "float32", "full"),
+    "lite0_full_bf16": ("lite0", "bfloat16", "full"),
 }
 
 
-def child(case: str, option: str, repeats: int) -> dict:
+def child(case: str, option: str, repeats: int, alone: bool = False) -> dict:
+    """Both builds in turns in this process; `alone`: only `option`'s ("default": XLA's),
+    `repeats` steps after two warm-up steps (one side of a --processes comparison)."""
     import jax
     from common import LAST2, ftlab_step, image_batch, interleaved, lite0, minilm, token_batch
     from ftlab.models.loading import param_paths
@@ -54,10 +65,14 @@ def child(case: str, option: str, repeats: int) -> dict:
     batch = token_batch(32, 128) if which == "minilm" else image_batch(32, 128)
     paths = {p for p in param_paths(model) if trainable == "full" or LAST2.fullmatch(p)}
     key, steps = jax.random.key(0), {}
-    for name, opts in (("default", {}), (option, OPTIONS[option])):
-        step, carry, rest = ftlab_step(model, paths)
+    builds = [(option, OPTIONS.get(option, {}))] if alone else \
+        [("default", {}), (option, OPTIONS[option])]
+    for name, opts in builds:
+        step, carry, rest = ftlab_step(model, paths, xla_options={})  # XLA's defaults
         compiled = step.lower(*carry, rest, batch, key).compile(compiler_options=opts)
         steps[name] = (compiled, list(carry), rest)
+    if alone:
+        return {"seconds": interleaved(steps, batch, repeats=repeats, warmup=2)[option]}
     t = interleaved(steps, batch, repeats=repeats, warmup=1)
     return {"default_s": round(t["default"], 4), "option_s": round(t[option], 4),
             "speedup": t["default"] / t[option]}
@@ -68,14 +83,34 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--processes", action="store_true",
+                    help="each build in its own process, alternating (default, option, twice)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "OPTION"))
+    ap.add_argument("--alone", action="store_true")
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child, args.repeats)), flush=True)
+        print("RESULT " + json.dumps(child(*args.child, args.repeats, args.alone)), flush=True)
         return
     from common import child_result, emit
     for case in args.cases:
         for option in args.options:
+            if args.processes:
+                times = {"default": [], option: []}
+                for name in ("default", option) * 2:
+                    r, err = child_result(__file__, ["--child", case, name, "--alone",
+                                                     "--repeats", str(args.repeats)])
+                    if r is None:
+                        break
+                    times[name].append(r["seconds"])
+                if r is None:
+                    emit(f"xla_options/{case}/{option}/processes", 0.0, "failed",
+                         error=err[:200])
+                    continue
+                d, o = (statistics.median(times[n]) for n in ("default", option))
+                emit(f"xla_options/{case}/{option}/processes", d / o, "x default", "default",
+                     default_s=round(d, 4), option_s=round(o, 4),
+                     timed="alternating processes (default, option, twice)")
+                continue
             r, err = child_result(__file__, ["--child", case, option,
                                              "--repeats", str(args.repeats)])
             flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
