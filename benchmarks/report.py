@@ -33,9 +33,9 @@ NOTES = """## Reading these numbers
   others (depthwise, LoRA, frozen vision, XLA options, int8) were measured before, as ratios
   within one process.
 - Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM, each
-  framework alone in its own process (the sentence under the PyTorch table): VS_FP32 in
-  fp32 and VS_BF16 in bf16 (at the start of this work: 0.82x and 0.73x). Timed in turns in
-  one process (the table) ftlab reads lower, INTURN_FP32 and INTURN_BF16 (in that process
+  framework alone in its own process (the sentence under the PyTorch table): 1.07x in
+  fp32 and 0.94x in bf16 (at the start of this work: 0.82x and 0.73x). Timed in turns in
+  one process (the table) ftlab reads lower, 0.99x and 0.84x (in that process
   torch runs under ftlab's malloc tunables too, one arena for both). The "matmul bound" lines
   say how far 1.2x is: the step's 275 GFLOP of matmuls take ~1.45 s at the machine's peak
   fp32 matmul rate; torch's whole step runs at ~0.62-0.65 of that peak, ftlab's at ~0.65,
@@ -53,8 +53,10 @@ NOTES = """## Reading these numbers
   GELU forward + backward 35 -> 14.5 ms per layer, the step 3% faster. XLA's YNNPACK on
   dots only (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`,
   which gives LayerNorm's and softmax's reductions back to XLA's loops) read 1.07-1.08x on
-  MiniLM's fp32 step in turns against XLA's default in one process, but 0.87-0.93x with
-  each build in its own process (XLA_PROCESSES), so no model sets it; `model.xla_options`
+  MiniLM's fp32 step in turns against XLA's default in one process, but 0.88-0.93x with
+  each build in its own process through jax.jit's compiler_options (16 processes over three
+  runs; bf16 0.91x with `--processes`); one `--processes` fp32 run read 1.09x, its default
+  build at 2.59 s/step against 2.1-2.4 s in the other runs. So no model sets it; `model.xla_options`
   takes any such option per model. In bf16, XLA's weight-gradient dots (contracting over
   the 4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation, whatever the operand
   layout; torch 375), while those contracting over 384 or 1536 reach 360-400.
