@@ -1,5 +1,7 @@
 """bf16 compute (model.compute_dtype) the cheaper dropout and GELU: same model, same math within
 bf16 tolerance, params kept in f32, and the bf16 matmuls really in the compiled program."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,31 @@ def test_bf16_compute_matches_fp32_and_keeps_f32_params(arch):
             nnx.state(m)).as_text()
     # bf16 operands in the program (tensor<4x16x32xbf16>), none in fp32's.
     assert "xbf16>" in hlo(low) and "xbf16>" not in hlo(ref)
+
+
+def _dot_operand_dtypes(compiled_text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in an optimized HLO module."""
+    dtype = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", compiled_text))
+    return [(dtype[a], dtype[b]) for a, b in
+            re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", compiled_text)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_matmul_of_a_bert_layer_step_is_a_dot_in_the_compute_dtype(dtype):
+    # XLA:CPU runs a bf16 dot whose operand layout its kernels do not take in f32 (both
+    # operands converted): the weight and attention gradients did, at half bf16's speed.
+    size = bert.VARIANTS["tiny"]
+    layer = bert.Layer(size, 0.0, 0.0, nnx.Rngs(0))
+    set_compute_dtype(layer, dtype)
+    x = jnp.asarray(RNG.standard_normal((4, 16, size.hidden)), jnp.float32)
+    bias = jnp.zeros((4, 1, 1, 16), jnp.float32)
+    graphdef, params = nnx.split(layer)
+    loss = lambda p, x: (nnx.merge(graphdef, p)(x, bias) ** 2).sum()
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    dots = _dot_operand_dtypes(text)
+    # 8 matmuls (6 dense, 2 in attention), each a forward product and two backward ones.
+    want = "bf16" if dtype == "bfloat16" else "f32"
+    assert len(dots) == 24 and all(d == (want, want) for d in dots), dots
 
 
 def test_compute_dtype_from_config_and_bad_value_named():

@@ -17,6 +17,7 @@ from flax import nnx
 
 from ftlab.models.dropout import Dropout
 from ftlab.models.gelu import gelu
+from ftlab.models.precision import batched_matmul
 from ftlab.models.heads import ClassifierHead
 
 
@@ -84,19 +85,22 @@ class SelfAttention(nnx.Module):
         self.value = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.out = nnx.Linear(size.hidden, size.hidden, rngs=rngs)
         self.dropout = Dropout(dropout, deterministic=True)
+        self.compute_dtype = "float32"  # of the two attention matmuls; see models.precision
 
     def __call__(self, x, bias, *, rngs=None):
         b, t, c = x.shape
         d = c // self.heads
 
-        def split(y):  # (b, t, c) -> (b, h, t, d)
-            return y.reshape(b, t, self.heads, d).transpose(0, 2, 1, 3)
+        def split(y):  # (b, t, c) -> (b * h, t, d): merging b and h makes XLA copy to
+            # row-major, where a (b, h, t, d) transpose could stay a view of y's layout.
+            return y.reshape(b, t, self.heads, d).transpose(0, 2, 1, 3).reshape(-1, t, d)
 
         q = split(self.query(x)) * (1.0 / math.sqrt(d))
         k, v = split(self.key(x)), split(self.value(x))
-        scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) + bias
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs)
-        ctx = jnp.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, c)
+        scores = batched_matmul(q, k, self.compute_dtype, nt=True).reshape(b, -1, t, t)
+        probs = self.dropout(jax.nn.softmax(scores + bias, axis=-1), rngs=rngs)
+        ctx = batched_matmul(probs.reshape(-1, t, t), v, self.compute_dtype)
+        ctx = ctx.reshape(b, -1, t, d).transpose(0, 2, 1, 3).reshape(b, t, c)
         return self.out(ctx)
 
 
