@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import compose_cfg
 from ftlab.models import bert, efficientnet
-from ftlab.models.dropout import Dropout
+from ftlab.models.dropout import Dropout, keep_mask
 from ftlab.models.gelu import gelu
 from ftlab.models.precision import set_compute_dtype
 from ftlab.schema import ConfigError
@@ -95,6 +95,25 @@ def test_dropout_rate_scale_determinism_and_gradient():
     g = jax.grad(lambda v: d(v, rngs=jax.random.key(3)).sum())(x)
     assert bool(((g > 0) == (y > 0)).all())
     assert bool((Dropout(0.1, deterministic=True)(x) == x).all())
+
+
+def test_dropout_masks_are_independent_across_keys_elements_and_rows():
+    # The mask is a keyed hash of the element index: what threefry would give must hold.
+    shape, rate = (32, 12, 128, 128), 0.1
+    masks = [keep_mask(jax.random.key(s), shape, rate).astype(jnp.float32) for s in (0, 1)]
+    a, b = (m.ravel() - 0.9 for m in masks)
+    corr = lambda u, v: float((u * v).mean() / 0.09)  # 0.09: a keep indicator's variance
+    n = a.size  # ~6.3M draws: an independent pair's correlation is ~N(0, 1/n), 4e-4
+    assert abs(float(masks[0].mean()) - 0.9) < 5 / (n ** 0.5 * 3.3)
+    assert abs(corr(a, b)) < 2e-3  # two keys
+    assert abs(corr(a[1:], a[:-1])) < 2e-3  # neighbours (the two halves of one hash)
+    assert abs(corr(a[128:], a[:-128])) < 2e-3  # the next row
+    rows = masks[0].reshape(-1, 128).mean(1)  # per-row rates spread as binomial ones do
+    assert abs(float(rows.std()) - (0.09 / 128) ** 0.5) < 0.002
+    # Nearby keys (a stream's successive draws) give unrelated masks too.
+    keys = jax.random.split(jax.random.key(7), 4)
+    ms = [keep_mask(k, (4096, 384), rate).astype(jnp.float32).ravel() - 0.9 for k in keys]
+    assert max(abs(corr(ms[i], ms[j])) for i in range(4) for j in range(i)) < 5e-3
 
 
 def test_gelu_matches_exact_gelu_and_its_gradient_keeps_only_the_input():

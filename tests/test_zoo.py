@@ -588,8 +588,10 @@ def test_plant_b_trains_from_plant_a(plant_a, tmp_path):
     ends exactly as run A's best, and the run dir records where it came from."""
     from ftlab import runs
     from ftlab.train import run
+    # Another seed: with A's, where A's best checkpoint ends its head-only phase (its backbone
+    # still the init), B's run would replay A's exactly and its head end equal too.
     cfg = compose_cfg(*SMOKE, f"model.source={plant_a}", "schedule.groups.top.train_from=null",
-                      "schedule.groups.rest.train_from=null")
+                      "schedule.groups.rest.train_from=null", "trainer.seed=1")
     run(cfg, tmp_path)
     a, _ = runs.load_model(runs.load_config(plant_a), plant_a, 10)
     b, _ = runs.load_model(runs.load_config(tmp_path), tmp_path, 10)
