@@ -31,16 +31,23 @@ NOTES = """## Reading these numbers
   (benchmarks/common.run); torch, in its own processes, with glibc's defaults. Re-measured
   with it: the overhead, malloc, PyTorch, precision, freezing and start-up tables; the
   others (depthwise, LoRA, frozen vision, XLA options, int8) were measured before, as ratios
-  within one process.
+  within one process. The PyTorch and precision tables are from after the bf16-gradient,
+  attention and dropout changes below; overhead, malloc, freezing and start-up from before
+  them (same code for both sides of each of their ratios).
 - Where a goal is not met it is shown as measured. Full fine-tuning of MiniLM, each
-  framework alone in its own process (the sentence under the PyTorch table): 1.07x in
-  fp32 and 0.94x in bf16 (at the start of this work: 0.82x and 0.73x). Timed in turns in
-  one process (the table) ftlab reads lower, 0.99x and 0.84x (in that process
-  torch runs under ftlab's malloc tunables too, one arena for both). The "matmul bound" lines
+  framework alone in its own process (the sentence under the PyTorch table): 1.04x in
+  fp32 (1.07x the run before) and 1.28x in bf16 (0.94x before the bf16-gradient, attention
+  and dropout changes; at the start of this work: 0.82x and 0.73x). Timed in turns in one
+  process (the table) ftlab reads lower, 1.00x and 1.15x (in that process torch runs under
+  ftlab's malloc tunables too, one arena for both). So bf16 meets 1.2x as users run it
+  (each alone), not in turns; fp32 does not. The "matmul bound" lines
   say how far 1.2x is: the step's 275 GFLOP of matmuls take ~1.45 s at the machine's peak
   fp32 matmul rate; torch's whole step runs at ~0.62-0.65 of that peak, ftlab's at ~0.65,
   and 1.2x torch needs ~0.75-0.79 for the whole step, softmax, LayerNorm, GELU, dropout,
-  AdamW and the 30522-row embedding gradient included. In-turns timing uses blocks of 3
+  AdamW and the 30522-row embedding gradient included (bf16: torch 0.49 of its peak, ftlab
+  0.56, 1.2x needs 0.59). ftlab's fp32 peak RSS read 3.5 GB in this run, 2.4 GB in the one
+  before; the compiled step's temporaries went down (1.54 -> 1.32 GB fp32, 1.56 -> 1.08 GB
+  bf16), so the spread is the process's, not the program's. In-turns timing uses blocks of 3
   steps each with the first of each block not timed: this VM's balloon driver hands memory
   free for ~2 s back to the host, so the first step after the other framework's turn faults
   its working memory back in from the host (torch 2.3 -> 2.7-4 s, ftlab 2.4 -> 3-5 s),
@@ -57,16 +64,24 @@ NOTES = """## Reading these numbers
   each build in its own process through jax.jit's compiler_options (16 processes over three
   runs; bf16 0.91x with `--processes`); one `--processes` fp32 run read 1.09x, its default
   build at 2.59 s/step against 2.1-2.4 s in the other runs. So no model sets it; `model.xla_options`
-  takes any such option per model. In bf16, XLA's weight-gradient dots (contracting over
-  the 4096 tokens) run at fp32 speed (170-195 GFLOP/s in isolation, whatever the operand
-  layout; torch 375), while those contracting over 384 or 1536 reach 360-400.
-  XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
-  Tried without gain before: bf16 attention products (2x in isolation, none in the step),
-  one fused QKV dot (slower: its head transpose), and threefry unrolled for dropout's bits
-  (the bits 38 -> 3.3 ms in isolation, the step unchanged). Last-2 as ftlab trains it
-  (frozen prefix cached, the default) is 1.7-2.1x torch in steady state, 1.0-1.2x even when
-  a one-epoch phase pays the prefix pass; without the cache 1.13-1.17x (fp32) and
-  1.15-1.22x (bf16) over the last two runs.
+  takes any such option per model.
+  bf16 weight gradients: XLA:CPU runs a bf16 dot only when both operands are row-major with
+  the contraction on the left operand's last axis; any other (the weight gradient x^T g
+  over the 4096 tokens, attention's g^T a, a transposed k) it converts to f32 and runs at
+  f32 speed (170-195 GFLOP/s against 360-400). The backward now hands those dots row-major
+  copies (ftlab/models/precision.py `_fresh`: 275-295 GFLOP/s with the copy), and
+  attention's two products run in bf16 under compute_dtype (as torch.autocast's do):
+  MiniLM's bf16 step 1.60-1.72 -> 1.30-1.48 s/step from the dense gradients (two pairs of
+  alternating processes) and 2.5% more from attention (in turns). Dropout masks are now a keyed integer hash of the element
+  index (ftlab/models/dropout.py), not threefry words: 9-10% off the step in fp32 and bf16
+  (in turns in one process; fp32 in alternating processes, 4 each: 2.29 -> 2.08 s/step).
+  The earlier try, threefry unrolled (the bits 38 -> 3.3 ms in isolation), had not moved
+  the step. XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
+  Tried without gain: one fused QKV dot (fp32 slower with its head transpose; bf16 the
+  same), a hand-written f32 attention backward (slower than autodiff's). Last-2 as ftlab
+  trains it (frozen prefix cached, the default) is 1.8x (fp32) and 2.5x (bf16) torch in
+  steady state, 1.13x and 1.45x even when a one-epoch phase pays the prefix pass; without
+  the cache 1.17x (fp32, 1.13-1.17x over the last three runs) and 1.43x (bf16).
 - Freezing: `bare_last2` / `bare_head_only` are the pruned step written by hand (only the
   trainable params differentiated, frozen blocks in inference mode as ftlab runs them);
   `<set>_vs_bare` times it and ftlab's step in turns, two steps each with the first not
