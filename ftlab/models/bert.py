@@ -17,8 +17,8 @@ from flax import nnx
 
 from ftlab.models.dropout import Dropout
 from ftlab.models.gelu import gelu
-from ftlab.models.precision import batched_matmul
 from ftlab.models.heads import ClassifierHead
+from ftlab.models.precision import batched_matmul
 
 
 @dataclasses.dataclass(frozen=True)
