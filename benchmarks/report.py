@@ -72,9 +72,10 @@ NOTES = """## Reading these numbers
   copies (ftlab/models/precision.py `_fresh`: 275-295 GFLOP/s with the copy), and
   attention's two products run in bf16 under compute_dtype (as torch.autocast's do):
   MiniLM's bf16 step 1.60-1.72 -> 1.30-1.48 s/step from the dense gradients (two pairs of
-  alternating processes) and 2.5% more from attention (in turns). Dropout masks are now a keyed integer hash of the element
-  index (ftlab/models/dropout.py), not threefry words: 9-10% off the step in fp32 and bf16
-  (in turns in one process; fp32 in alternating processes, 4 each: 2.29 -> 2.08 s/step).
+  alternating processes) and 2.5% more from attention (in turns). Dropout masks are now a
+  keyed integer hash of the element index (ftlab/models/dropout.py), not threefry words:
+  9-10% off the step in fp32 and bf16 (in turns in one process; fp32 in alternating
+  processes, 4 each: 2.29 -> 2.08 s/step).
   The earlier try, threefry unrolled (the bits 38 -> 3.3 ms in isolation), had not moved
   the step. XLA's CPU options are measured in their own table (`benchmarks/xla_options.py`).
   Tried without gain: one fused QKV dot (fp32 slower with its head transpose; bf16 the
