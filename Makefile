@@ -33,13 +33,16 @@ test: setup
 	# and I/O waits overlap the other's work. The 30 slowest tests are listed (for that order).
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-# Benchmarks write JSON lines to benchmarks/results/cpu_<name>.jsonl, then docs/performance.md.
+# Benchmarks write JSON lines to benchmarks/results/$(MACHINE)_<name>.jsonl, then docs/performance.md
+# (one section per machine; describe a new one in benchmarks/report.py's MACHINES).
+# `make bench MACHINE=zen5 BENCH="vs_torch precision"`: some benchmarks, on a Zen 5 host.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
-BENCH = freeze freeze_vision depthwise lora overhead precision malloc vs_torch xla_options startup quantize
+MACHINE ?= cpu
+BENCH ?= freeze freeze_vision depthwise lora overhead precision malloc vs_torch xla_options startup quantize
 bench: setup
 	$(VENV)/bin/pip install -q torch==2.13.0
 	mkdir -p benchmarks/results
-	cd benchmarks && for b in $(BENCH); do ../$(VENV)/bin/python $$b.py | tee results/cpu_$$b.jsonl || exit 1; done
+	cd benchmarks && for b in $(BENCH); do ../$(VENV)/bin/python $$b.py | tee results/$(MACHINE)_$$b.jsonl || exit 1; done
 	$(VENV)/bin/python benchmarks/report.py > docs/performance.md
 
 # Regenerate the lock from the venv: runtime and test packages only (not the asset packages
