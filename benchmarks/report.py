@@ -47,6 +47,13 @@ NOTES = """## Reading these numbers
   Zen 4: the fp32 goal is met on one host and not the other, with the same program. bf16
   meets it on both (1.30x, 1.28x). Check `grep family /proc/cpuinfo`
   before comparing a new run with either table.
+- oneDNN dot fusion (`onednn_dot` in the XLA options tables) is the one option that pays on
+  Zen 5 alone in its own process: MiniLM fp32 1.16x (full) and 1.12x (last 2). No model
+  sets it: with it on the BERT configs, the test suite's LR-finder run (`bert_tiny`, batch
+  16) died of SIGILL (illegal instruction) at any XLA optimization level, on Zen 4 it
+  failed to compile the last-2 step, and its programs do not enter the persistent
+  compilation cache (no serializer for oneDNN fusions). `model.xla_options` opts in, at
+  that risk.
 - Where a goal is not met it is shown as measured. On Zen 4 (`cpu`), full fine-tuning of
   MiniLM, each framework alone in its own process (the sentence under the PyTorch
   table): 1.04x in fp32 (1.07x the run before) and 1.28x in bf16 (0.94x before the
