@@ -180,6 +180,16 @@ up() {
   sacct_has assoc account,user "$ACCOUNT|root" \
     || sacctmgr -i add user root account="$ACCOUNT" cluster="$CLUSTER" >/dev/null
 
+  # Job ids go on past every job the accounting database remembers. A slurmctld whose saved
+  # state is gone (a wiped $STATE, a new machine with the old /var/lib/mysql) starts again
+  # at 1, and `sacct -j 8`, submitit's view of a requeued job 8, answered with an old job 8's
+  # COMPLETED: the sweep failed while the job went on.
+  local last
+  last=$(mariadb --socket=/run/mysqld/mysqld.sock -N -e "SELECT COALESCE(MAX(id_job), 0)
+    FROM slurm_acct_db.${CLUSTER}_job_table" 2>/dev/null || echo 0)
+  sed -i '/^FirstJobId=/d' "$CONF_DIR/slurm.conf"  # ours: configure() checked
+  echo "FirstJobId=$((last + 1))" >>"$CONF_DIR/slurm.conf"
+
   start slurmctld /usr/sbin/slurmctld -D -i
   wait_for 60 slurmctld scontrol ping
   start slurmd /usr/sbin/slurmd -D -N localhost
