@@ -34,8 +34,9 @@ test: setup
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # Benchmarks write JSON lines to benchmarks/results/$(MACHINE)_<name>.jsonl, then docs/performance.md
-# (one section per machine; describe a new one in benchmarks/report.py's MACHINES).
-# `make bench MACHINE=zen5 BENCH="vs_torch precision"`: some benchmarks, on a Zen 5 host.
+# (one section per machine; describe a new one in benchmarks/report.py's MACHINES). `cpu` is
+# the Zen 4 host's tables: on another host name it (`grep family /proc/cpuinfo`: 26 is Zen 5),
+# e.g. `make bench MACHINE=zen5 BENCH="vs_torch precision"`, so they are not overwritten.
 # torch is a benchmark-only dependency (the PyTorch reference of vs_torch.py), never a runtime one.
 MACHINE ?= cpu
 BENCH ?= freeze freeze_vision depthwise lora overhead precision malloc vs_torch xla_options startup quantize
