@@ -24,7 +24,8 @@ from ftlab.schema import ConfigError
 EVIDENCE = Path("docs/results/claims.jsonl")
 OUT = Path("docs/results.md")
 # agrees: inside the claimed range; exceeds / smaller: the claimed direction, outside it;
-# inconclusive: outside it, and the seeds' 95% interval holds no difference too.
+# inconclusive: the seeds' 95% interval holds no difference too, for a claimed gain (lo > 0)
+# wherever the mean falls, for "at least as good" (lo = 0) when the mean is outside it.
 VERDICTS = ("agrees", "exceeds", "smaller", "inconclusive", "disagrees", "not testable here")
 
 
@@ -158,8 +159,9 @@ def assess(rows: list[dict]) -> dict:
             half = stats.t.ppf(0.975, diff[2] - 1) * diff[1] / math.sqrt(diff[2])
             measured = (f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds; "
                         f"95% CI {m - half:+.1f} to {m + half:+.1f})")
-            if lo >= 0 and m - half <= 0 <= m + half and verdict != "agrees":
-                # a claimed gain (or "at least as good": lo = 0) the seeds cannot tell from none
+            if m - half <= 0 <= m + half and (lo > 0 or lo == 0 and verdict != "agrees"):
+                # a claimed gain (or "at least as good") the seeds cannot tell from none: a
+                # mean inside +0.5..+5 with an interval of -19..+21 does not agree
                 verdict = "inconclusive"
         return {**out, "effect": diff, "verdict": verdict, "measured": measured}
     if kind == "value":

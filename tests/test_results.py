@@ -130,6 +130,16 @@ def test_a_gain_within_the_seeds_noise_is_inconclusive(tmp_path):
     assert "95% CI -" in a["measured"]
 
 
+def test_a_mean_gain_inside_the_claim_is_inconclusive_when_the_seeds_disagree(tmp_path):
+    """Claimed +3..+8: a mean of +5 from seeds at +15, -10 and +10 is not agreement."""
+    for seed, gain in enumerate((0.15, -0.10, 0.10)):
+        d = definition(id="c", arm="base")
+        fake_run(tmp_path, d, seed, {"test/accuracy": 0.7})
+        fake_run(tmp_path, {**d, "arm": "new"}, seed, {"test/accuracy": 0.7 + gain})
+    a = results.assess(results.collect([tmp_path]))
+    assert a["effect"][0] == pytest.approx(5.0) and a["verdict"] == "inconclusive"
+
+
 @pytest.mark.parametrize("new, verdict", [((0.69, 0.73, 0.69), "inconclusive"),
                                           ((0.60, 0.61, 0.60), "disagrees")])
 def test_at_least_as_good_claims_need_the_interval_below_zero_to_disagree(tmp_path, new,
