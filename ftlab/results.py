@@ -159,7 +159,7 @@ def assess(rows: list[dict]) -> dict:
             half = stats.t.ppf(0.975, diff[2] - 1) * diff[1] / math.sqrt(diff[2])
             measured = (f"{m:+.1f} ± {diff[1]:.1f} points (paired over {diff[2]} seeds; "
                         f"95% CI {m - half:+.1f} to {m + half:+.1f})")
-            if m - half <= 0 <= m + half and (lo > 0 or lo == 0 and verdict != "agrees"):
+            if m - half <= 0 <= m + half and (lo > 0 or (lo == 0 and verdict != "agrees")):
                 # a claimed gain (or "at least as good") the seeds cannot tell from none: a
                 # mean inside +0.5..+5 with an interval of -19..+21 does not agree
                 verdict = "inconclusive"
