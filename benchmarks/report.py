@@ -45,8 +45,8 @@ NOTES = """## Reading these numbers
   Zen 4's), so ftlab's full fp32 fine-tuning reads 1.69x torch on Zen 5 alone in its own
   process (1.54x in turns, where torch runs under ftlab's malloc tunables too) and 1.04x on
   Zen 4: the fp32 goal is met on one host and not the other, with the same program. bf16
-  meets it on both (1.30x, 1.28x). Check `grep family /proc/cpuinfo`
-  before comparing a new run with either table.
+  meets it on both (1.30x, 1.28x). Check `grep family /proc/cpuinfo` before comparing a
+  new run with either table.
 - oneDNN dot fusion (`onednn_dot` in the XLA options tables) is the one option that pays on
   Zen 5 alone in its own process: MiniLM fp32 1.16x (full) and 1.12x (last 2). No model
   sets it: with it on the BERT configs, the test suite's LR-finder run (`bert_tiny`, batch

@@ -187,8 +187,7 @@ up() {
   local last
   last=$(mariadb --socket=/run/mysqld/mysqld.sock -N -e "SELECT COALESCE(MAX(id_job), 0)
     FROM slurm_acct_db.${CLUSTER}_job_table" 2>/dev/null || echo 0)
-  sed -i '/^FirstJobId=/d' "$CONF_DIR/slurm.conf"  # ours: configure() checked
-  echo "FirstJobId=$((last + 1))" >>"$CONF_DIR/slurm.conf"
+  echo "FirstJobId=$((last + 1))" >>"$CONF_DIR/slurm.conf"  # configure() just wrote it
 
   start slurmctld /usr/sbin/slurmctld -D -i
   wait_for 60 slurmctld scontrol ping
